@@ -1,0 +1,42 @@
+"""medcam: Grad-CAM and relatives for 2D/3D medical-imaging CNNs.
+
+Data flow: load -> model + target layer -> CAM engine (:mod:`medcam.engine`) -> resample /
+invert to original space -> write (NIfTI, DICOM, figures) -> longitudinal compare -> report.
+"""
+
+__version__ = "0.1.0"
+
+from medcam.engine import (
+    METHODS,
+    AllClasses,
+    CAMResult,
+    ClassTarget,
+    Explainer,
+    LayerInfo,
+    PredictedClass,
+    SegmentationTarget,
+    explain,
+    list_layers,
+    register_method,
+)
+from medcam.errors import InputError, LayerError, MedcamError, ModelError, TargetError
+
+__all__ = [
+    "METHODS",
+    "AllClasses",
+    "CAMResult",
+    "ClassTarget",
+    "Explainer",
+    "InputError",
+    "LayerError",
+    "LayerInfo",
+    "MedcamError",
+    "ModelError",
+    "PredictedClass",
+    "SegmentationTarget",
+    "TargetError",
+    "__version__",
+    "explain",
+    "list_layers",
+    "register_method",
+]

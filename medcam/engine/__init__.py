@@ -1,0 +1,41 @@
+"""The CAM engine: target layers, targets, methods, post-processing and the explainer."""
+
+from medcam.engine.core import Explainer, explain
+from medcam.engine.layers import LayerInfo, list_layers
+from medcam.engine.methods import METHODS, CAMMethod, MethodContext, get_method, register_method
+from medcam.engine.postprocess import fuse_maps, normalize_maps, upsample
+from medcam.engine.result import CAMResult
+from medcam.engine.targets import (
+    AllClasses,
+    CallableTarget,
+    ClassTarget,
+    PredictedClass,
+    SegmentationTarget,
+    Target,
+    as_target,
+    select_output,
+)
+
+__all__ = [
+    "METHODS",
+    "AllClasses",
+    "CAMMethod",
+    "CAMResult",
+    "CallableTarget",
+    "ClassTarget",
+    "Explainer",
+    "LayerInfo",
+    "MethodContext",
+    "PredictedClass",
+    "SegmentationTarget",
+    "Target",
+    "as_target",
+    "explain",
+    "fuse_maps",
+    "get_method",
+    "list_layers",
+    "normalize_maps",
+    "register_method",
+    "select_output",
+    "upsample",
+]

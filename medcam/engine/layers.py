@@ -1,0 +1,297 @@
+"""Finding, listing and hooking the target layer(s) of a model.
+
+The engine hooks a layer with a forward hook that keeps the layer's output tensor for one call.
+Nothing is attached to the model outside a call, and nothing about the model is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medcam.errors import LayerError, ModelError
+
+__all__ = ["LayerInfo", "list_layers"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module of a model and what it produced in a forward pass.
+
+    Attributes
+    ----------
+    name:
+        Dotted module name as in ``model.named_modules()``.
+    type:
+        The module's class name.
+    output_shape:
+        Shape of the module's output tensor, ``(B, C, *spatial)`` for feature maps; ``None`` when
+        the output is not a tensor (a tuple or dict).
+    calls:
+        How often the module ran in the forward pass (a reused ``ReLU`` runs more than once and
+        cannot be a target layer).
+    spatial_rank:
+        Number of spatial dimensions of the model input (2 for 2D, 3 for 3D).
+    """
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    calls: int
+    spatial_rank: int
+
+    @property
+    def feature_shape(self) -> tuple[int, ...] | None:
+        """Spatial shape of the output, or ``None`` when the output is not a feature map."""
+        if self.output_shape is None or len(self.output_shape) != 2 + self.spatial_rank:
+            return None
+        return tuple(self.output_shape[2:])
+
+    @property
+    def is_candidate(self) -> bool:
+        """True when the layer can be a CAM target: one call, feature map with extent > 1."""
+        fs = self.feature_shape
+        return self.calls == 1 and fs is not None and math.prod(fs) > 1
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Put every module in eval mode for the block and restore each module's own flag after.
+
+    Modules already in eval mode are not touched, so a model in eval mode is never written to
+    (which keeps concurrent calls on one shared model safe).
+    """
+    switched = [m for m in model.modules() if m.training] if enabled else []
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
+
+
+def check_hookable(model: nn.Module) -> None:
+    """Raise :class:`ModelError` for TorchScript models, which cannot be hooked."""
+    if isinstance(model, torch.jit.ScriptModule) or any(
+        isinstance(m, torch.jit.ScriptModule) for m in model.modules()
+    ):
+        raise ModelError(
+            "The model (or one of its submodules) is a TorchScript module; TorchScript modules "
+            "cannot be hooked, so their layer activations and gradients are out of reach. Build "
+            "the eager network instead: for a MONAI bundle, instantiate its `network_def` and "
+            "load `models/model.pt` (the state dict) rather than `models/model.ts`."
+        )
+
+
+def module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """All named submodules of ``model`` except the model itself."""
+    return {name: m for name, m in model.named_modules() if name}
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> list[str]:
+    """Turn layer names or module objects into checked module names.
+
+    Raises
+    ------
+    LayerError
+        If a name is not a submodule of ``model``; the message lists the closest names.
+    """
+    modules = module_names(model)
+    by_id = {id(m): name for name, m in modules.items()}
+    names: list[str] = []
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            if id(layer) not in by_id:
+                raise LayerError(
+                    f"The module {type(layer).__name__} passed as a layer is not a submodule of "
+                    "the model. Pass a module from this model or its dotted name."
+                )
+            names.append(by_id[id(layer)])
+            continue
+        if not isinstance(layer, str):
+            raise LayerError(f"A layer must be a module name (str) or a module, not {layer!r}.")
+        if layer not in modules:
+            close = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise LayerError(
+                f"The model has no layer named {layer!r}.{hint} Use "
+                "medcam.list_layers(model, example_input) to see every layer with its output "
+                "shape, or layers='auto'."
+            )
+        names.append(layer)
+    if len(set(names)) != len(names):
+        raise LayerError(f"A layer is listed twice in {names}; list each layer once.")
+    return names
+
+
+def _first_tensor_shape(output: object) -> tuple[int, ...] | None:
+    return tuple(output.shape) if isinstance(output, torch.Tensor) else None
+
+
+def trace_layers(
+    model: nn.Module, x: torch.Tensor, *, eval: bool = True
+) -> tuple[list[LayerInfo], object]:
+    """One no-grad forward recording each submodule's output shape; returns (infos, output)."""
+    spatial_rank = x.ndim - 2
+    records: dict[str, list] = {}
+    order: list[str] = []
+    thread = threading.get_ident()
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if threading.get_ident() != thread:
+                return
+            if name not in records:
+                records[name] = [type(module).__name__, _first_tensor_shape(output), 0]
+                order.append(name)
+            records[name][2] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in module_names(model).items()]
+    try:
+        with torch.no_grad(), eval_mode(model, eval):
+            output = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    infos = [LayerInfo(n, records[n][0], records[n][1], records[n][2], spatial_rank) for n in order]
+    return infos, output
+
+
+def list_layers(
+    model: nn.Module, example_input: torch.Tensor, *, eval: bool = True
+) -> list[LayerInfo]:
+    """Run one forward pass and report every submodule's output shape, in execution order.
+
+    Only shapes are recorded, never activations, so this is as cheap in memory as a plain
+    no-grad forward.
+
+    Parameters
+    ----------
+    model:
+        Any ``torch.nn.Module`` (not TorchScript).
+    example_input:
+        ``(B, C, H, W)`` or ``(B, C, D, H, W)`` tensor of the size you will explain; it is moved
+        to the model's device.
+    eval:
+        Run in eval mode (restored afterwards), as :func:`medcam.explain` does by default.
+
+    Returns
+    -------
+    list of LayerInfo
+        In the order the modules finished running; ``LayerInfo.is_candidate`` marks usable
+        target layers and ``LayerInfo.feature_shape`` their feature-grid shape.
+    """
+    check_hookable(model)
+    x = example_input.to(model_device(model, example_input))
+    return trace_layers(model, x, eval=eval)[0]
+
+
+def auto_layer(infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None) -> str:
+    """Pick the last layer (in execution order) whose output is still a spatial feature map.
+
+    Layers whose output has the model output's shape (a segmentation head and what follows it)
+    are skipped, so segmentation networks get the last feature layer before the logits.
+    """
+    for info in reversed(infos):
+        if info.is_candidate and info.output_shape != model_output_shape:
+            return info.name
+    raise LayerError(
+        "layers='auto' found no layer with a spatial feature-map output (B, C, *spatial) with "
+        "extent > 1 that runs once per forward pass. medcam explains convolutional networks; "
+        "check that the model has conv layers and that the input has the spatial size it "
+        "expects, or name a layer explicitly."
+    )
+
+
+def model_device(model: nn.Module, fallback: torch.Tensor) -> torch.device:
+    """The device of the model's first parameter or buffer, else that of ``fallback``."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return fallback.device
+
+
+class ActivationCapture:
+    """Forward hooks that keep the output of the named layers for one call in one thread.
+
+    Each hook hands the rest of the network a clone of the layer output, so that in-place ops
+    after the layer (``ReLU(inplace=True)``) leave the kept activation intact, and makes the
+    output differentiable even when the model's parameters are frozen. Hooks fire only for the
+    thread that created the capture, so concurrent calls on one shared model do not mix.
+    Use as a context manager: the hooks are removed on exit, also after an exception.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self._modules = module_names(model)
+        self._names = list(names)
+        self._thread = threading.get_ident()
+        self._handles: list = []
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(names, 0)
+        self.bad_outputs: dict[str, str] = {}
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> torch.Tensor | None:
+            if threading.get_ident() != self._thread:
+                return None
+            self.calls[name] += 1
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                self.bad_outputs[name] = type(output).__name__
+                return None
+            kept = output if output.requires_grad else output.detach().requires_grad_(True)
+            self.outputs[name] = kept
+            return kept.clone()
+
+        return hook
+
+    def __enter__(self) -> ActivationCapture:
+        for name in self._names:
+            self._handles.append(self._modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def activations(self, spatial_rank: int) -> list[torch.Tensor]:
+        """The kept outputs in layer order, checked to be feature maps of one forward pass."""
+        acts = []
+        for name in self._names:
+            if self.calls[name] == 0:
+                raise LayerError(
+                    f"Layer {name!r} did not run in the forward pass, so it has no activation. "
+                    "Pick a layer that the model's forward() actually uses."
+                )
+            if self.calls[name] > 1:
+                raise LayerError(
+                    f"Layer {name!r} ran {self.calls[name]} times in one forward pass (a module "
+                    "reused in several places, such as a shared ReLU), so its activation is "
+                    "ambiguous. Pick a module that runs once, such as the enclosing block."
+                )
+            if name in self.bad_outputs:
+                raise LayerError(
+                    f"Layer {name!r} returned a {self.bad_outputs[name]}, not a floating-point "
+                    "feature-map tensor. Pick a layer whose output is a (B, C, *spatial) tensor."
+                )
+            a = self.outputs[name]
+            if a.ndim != 2 + spatial_rank or math.prod(a.shape[2:]) <= 1:
+                raise LayerError(
+                    f"Layer {name!r} outputs shape {tuple(a.shape)}, which has no spatial extent "
+                    f"(expected (B, C, *spatial) with {spatial_rank} spatial dims, more than one "
+                    "voxel). Pick an earlier convolutional layer; medcam.list_layers(model, x) "
+                    "shows the candidates."
+                )
+            acts.append(a)
+        return acts

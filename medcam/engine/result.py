@@ -1,0 +1,104 @@
+"""The result of one explanation call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from medcam.errors import MedcamError
+
+__all__ = ["CAMResult"]
+
+
+@dataclass
+class CAMResult:
+    """Heatmaps and everything needed to say how they were made.
+
+    All tensors are detached (no autograd graph is kept) and live on the model's device.
+
+    Attributes
+    ----------
+    raw:
+        Per layer, ``(B, K, *feature_shape)`` float32 maps exactly as the method defines them:
+        never normalised, never flipped.
+    heatmaps:
+        Per layer, ``(B, K, *input_spatial)`` float32 maps upsampled (bi/trilinear,
+        ``align_corners=False``) and then normalised as ``normalization`` says.
+    fused:
+        ``(B, K, *input_spatial)`` fusion of all layers (``fusion`` says how), else ``None``.
+    classes:
+        ``(B, K)`` int64 class index behind each map, ``-1`` for callable targets.
+    scores:
+        ``(B, K)`` float32 value of each target score (logit, or region sum for segmentation).
+    logits:
+        ``(B, num_classes)`` float32 model output for classifiers, ``None`` for segmentation.
+    method, layers, feature_shapes, input_shape, target, normalization, fusion:
+        What was computed: method name, layer names (in the given order), each layer's
+        feature-grid shape, the input's shape ``(B, C, *spatial)``, a description of the target,
+        the normalisation record (e.g. ``{"method": "none"}``) and the fusion rule.
+    batched_backward:
+        True when all K targets went through one batched backward pass, False when they were
+        looped (an op without a batching rule) or no backward was needed.
+    """
+
+    raw: dict[str, torch.Tensor]
+    heatmaps: dict[str, torch.Tensor]
+    fused: torch.Tensor | None
+    classes: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor | None
+    method: str
+    layers: list[str]
+    feature_shapes: dict[str, tuple[int, ...]]
+    input_shape: tuple[int, ...]
+    target: str
+    normalization: dict[str, Any]
+    fusion: str | None = None
+    batched_backward: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def heatmap(self) -> torch.Tensor:
+        """``(B, K, *input_spatial)``: the fused map, or the single layer's map."""
+        if self.fused is not None:
+            return self.fused
+        if len(self.layers) == 1:
+            return self.heatmaps[self.layers[0]]
+        raise MedcamError(
+            f"{len(self.layers)} layers were explained without fusion; pick one from "
+            "result.heatmaps[layer], or pass fusion='mean' or 'product'."
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able description of the call (for sidecars and reports)."""
+        return {
+            "method": self.method,
+            "layers": list(self.layers),
+            "feature_shapes": {k: list(v) for k, v in self.feature_shapes.items()},
+            "input_shape": list(self.input_shape),
+            "target": self.target,
+            "classes": self.classes.tolist(),
+            "scores": self.scores.tolist(),
+            "normalization": dict(self.normalization),
+            "fusion": self.fusion,
+            "upsampling": "linear/bilinear/trilinear, align_corners=False",
+            "batched_backward": self.batched_backward,
+        }
+
+    def cpu(self) -> CAMResult:
+        """A copy with every tensor on the CPU."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
+        return replace(
+            self,
+            raw={k: v.cpu() for k, v in self.raw.items()},
+            heatmaps={k: v.cpu() for k, v in self.heatmaps.items()},
+            fused=move(self.fused),
+            classes=self.classes.cpu(),
+            scores=self.scores.cpu(),
+            logits=move(self.logits),
+        )

@@ -1,0 +1,38 @@
+"""Exceptions raised by medcam.
+
+Every error medcam raises on bad input is a :class:`MedcamError`, whose message says what was
+wrong and how to fix it. Subclasses let callers catch one family of problems.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InputError",
+    "LayerError",
+    "MedcamError",
+    "ModelError",
+    "TargetError",
+]
+
+
+class MedcamError(Exception):
+    """Base class of every error medcam raises on bad input or configuration."""
+
+
+class LayerError(MedcamError, KeyError):
+    """A target layer is unknown, unusable (no spatial output) or cannot be hooked."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelError(MedcamError):
+    """The model cannot be explained as given (TorchScript, no differentiable path, ...)."""
+
+
+class TargetError(MedcamError, ValueError):
+    """A target (class index, mask, selector) does not fit the model's output."""
+
+
+class InputError(MedcamError, ValueError):
+    """The input tensor or file is unusable (NaN/Inf, wrong rank, ...)."""

@@ -1,0 +1,81 @@
+"""Shared fixtures: small real networks with known structure, seeded inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """conv -> relu -> conv(stride 2) -> relu -> conv -> GAP -> linear, 2D or 3D."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 2, num_classes: int = 3):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
+        self.features = nn.Sequential(
+            conv(in_channels, 4, 3, padding=1),
+            nn.ReLU(),
+            conv(4, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
+            conv(6, 5, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = pool(1)
+        self.fc = nn.Linear(5, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class HandNet(nn.Module):
+    """1x1 conv (1 -> 2 channels) -> global average pool -> linear (2 -> 2), weights set by hand.
+
+    With input x: A_0 = x, A_1 = 1 - x; logits_k = sum_c W[k, c] mean(A_c) + b_k with
+    W = [[2, 1], [0, -4]], b = [0.5, 0]. The gradient of logit k w.r.t. A_c is W[k, c] / N
+    everywhere (N = number of pixels), so every map has a closed form.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.fc.weight.copy_(torch.tensor([[2.0, 1.0], [0.0, -4.0]]))
+            self.fc.bias.copy_(torch.tensor([0.5, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def hand_net() -> HandNet:
+    return HandNet().eval()
+
+
+@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
+def small_cnn(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
+    """A seeded SmallCNN in eval mode and a (2, 2, *spatial) input for it."""
+    torch.manual_seed(0)
+    dims = request.param
+    net = SmallCNN(spatial_dims=dims).eval()
+    shape = (2, 2, 12, 10) if dims == 2 else (2, 2, 8, 10, 6)
+    return net, torch.randn(shape)
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward/backward hooks on all modules of ``model``."""
+    total = 0
+    for m in model.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            total += len(getattr(m, attr))
+    return total

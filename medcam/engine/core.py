@@ -2,7 +2,8 @@
 
 Data flow of a call::
 
-    x (B, C, *S) --forward (hooks keep layer outputs)--> logits --target--> scores (B, K)
+    x (B, C, *S) --forward (hooks keep layer outputs; autograd graph only from the first
+        target layer on)--> logits --target--> scores (B, K)
     scores --torch.autograd.grad(is_grads_batched)--> gradients (B, K, C, *S_l) per layer
     method(activations, gradients) --> raw (B, K, *S_l) --upsample--> (B, K, *S)
     --fusion (optional)--> --normalisation (explicit, recorded)--> CAMResult
@@ -277,9 +278,13 @@ class Explainer:
             if x.is_inference():
                 x = x.clone()
             names = self.layer_names(x)
-            stack.enter_context(torch.enable_grad() if method.needs_gradients else torch.no_grad())
+            # No graph before the first target layer; its hook turns gradients on (see
+            # ActivationCapture); no_grad's exit restores the caller's mode.
+            stack.enter_context(torch.no_grad())
             stack.enter_context(eval_mode(self.model, self.eval))
-            capture = stack.enter_context(ActivationCapture(self.model, names))
+            capture = stack.enter_context(
+                ActivationCapture(self.model, names, grad_from_layer=method.needs_gradients)
+            )
             logits = select_output(self.model(x), self.output)
             scores, classes = target_fn(logits)
             acts = capture.activations(len(spatial))

@@ -230,11 +230,19 @@ class ActivationCapture:
     output differentiable even when the model's parameters are frozen. Hooks fire only for the
     thread that created the capture, so concurrent calls on one shared model do not mix.
     Use as a context manager: the hooks are removed on exit, also after an exception.
+
+    With ``grad_from_layer=True`` the forward is meant to start under ``torch.no_grad()``: the
+    first target layer to run switches gradient recording on (thread-local), so no autograd
+    graph is built, and no activation saved, for the part of the network before it. The
+    caller's ``no_grad`` context restores the mode on exit.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], *, grad_from_layer: bool = False
+    ) -> None:
         self._modules = module_names(model)
         self._names = list(names)
+        self._grad_from_layer = grad_from_layer
         self._thread = threading.get_ident()
         self._handles: list = []
         self.outputs: dict[str, torch.Tensor] = {}
@@ -249,6 +257,8 @@ class ActivationCapture:
             if not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 self.bad_outputs[name] = type(output).__name__
                 return None
+            if self._grad_from_layer:
+                torch.set_grad_enabled(True)
             kept = output if output.requires_grad else output.detach().requires_grad_(True)
             self.outputs[name] = kept
             return kept.clone()

@@ -333,3 +333,26 @@ def test_cuda_matches_cpu(small_cnn):
 
 def test_hand_net_fixture_is_deterministic():
     assert torch.equal(HandNet().fc.weight, torch.tensor([[2.0, 1.0], [0.0, -4.0]]))
+
+
+def test_no_graph_is_built_before_the_target_layer(small_cnn):
+    net, x = small_cnn
+    seen: dict[str, bool] = {}
+    handles = [
+        net.features[i].register_forward_hook(
+            lambda m, i_, o, i=i: seen.__setitem__(i, o.requires_grad)
+        )
+        for i in (0, 2, 4)
+    ]
+    try:
+        assert torch.is_grad_enabled()
+        medcam.explain(net, x, "all", layers="features.3")
+        assert torch.is_grad_enabled()  # the caller's grad mode is restored
+        with torch.no_grad():
+            medcam.explain(net, x, "all", layers="features.3")
+            assert not torch.is_grad_enabled()
+    finally:
+        for h in handles:
+            h.remove()
+    # convs before the layer ran without autograd; the one after it records a graph
+    assert seen == {0: False, 2: False, 4: True}

@@ -87,3 +87,20 @@ def test_target_spec_errors(small_cnn):
     with pytest.raises(medcam.TargetError, match="ints"):
         as_target([0.5, 1.5])
     assert as_target("2").classes.item() == 2
+
+
+def test_swin_unetr_segmentation_target():
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3).eval()
+    x = torch.randn(1, 1, 64, 64, 64)
+    mask = torch.zeros(64, 64, 64)
+    mask[20:40, 10:30, 30:50] = 1
+    result = medcam.explain(net, x, medcam.SegmentationTarget(1, mask=mask))
+    assert result.layers == ["decoder1"]  # channel-first decoder output, not the swin blocks
+    assert result.heatmap.shape == (1, 1, 64, 64, 64)
+    with torch.no_grad():
+        expected = (net(x)[0, 1] * mask).sum()
+    torch.testing.assert_close(result.scores[0, 0], expected, rtol=1e-4, atol=1e-2)
+    assert result.heatmap.max() > 0

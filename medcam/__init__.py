@@ -19,7 +19,17 @@ from medcam.engine import (
     list_layers,
     register_method,
 )
-from medcam.errors import InputError, LayerError, MedcamError, ModelError, TargetError
+from medcam.errors import (
+    InputError,
+    LayerError,
+    MedcamError,
+    ModelError,
+    OutputError,
+    TargetError,
+)
+from medcam.io import Scan, load_scan
+from medcam.space import ScanExplanation, explain_scan
+from medcam.writers import write_outputs
 
 __all__ = [
     "METHODS",
@@ -32,11 +42,17 @@ __all__ = [
     "LayerInfo",
     "MedcamError",
     "ModelError",
+    "OutputError",
     "PredictedClass",
+    "Scan",
+    "ScanExplanation",
     "SegmentationTarget",
     "TargetError",
     "__version__",
     "explain",
+    "explain_scan",
     "list_layers",
+    "load_scan",
     "register_method",
+    "write_outputs",
 ]

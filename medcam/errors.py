@@ -11,6 +11,7 @@ __all__ = [
     "LayerError",
     "MedcamError",
     "ModelError",
+    "OutputError",
     "TargetError",
 ]
 
@@ -36,3 +37,7 @@ class TargetError(MedcamError, ValueError):
 
 class InputError(MedcamError, ValueError):
     """The input tensor or file is unusable (NaN/Inf, wrong rank, ...)."""
+
+
+class OutputError(MedcamError, OSError):
+    """An output cannot be written (folder not writable, would replace an input file, ...)."""

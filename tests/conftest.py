@@ -79,3 +79,32 @@ def count_hooks(model: nn.Module) -> int:
         ):
             total += len(getattr(m, attr))
     return total
+
+
+class IntensityCAM(nn.Module):
+    """1x1 conv (weight 1) -> GAP -> linear [[1], [-1]]: Grad-CAM of class 0 is ReLU(input) / N.
+
+    Its heatmap is the (preprocessed) image itself, so where a bright blob sits in the scan is
+    where the heatmap must come back: a known answer for every geometry step.
+    """
+
+    def __init__(self, spatial_dims: int = 3) -> None:
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        pool = nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d
+        self.conv = conv(1, 1, 1)
+        self.pool = pool(1)
+        self.fc = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def intensity_cam() -> IntensityCAM:
+    return IntensityCAM().eval()

@@ -1,0 +1,222 @@
+"""Synthetic volumes defined in physical (patient) coordinates, and DICOM series built from them.
+
+Used by the tests, the demo and the benchmarks: nothing is downloaded. Geometry follows DICOM:
+a volume array is indexed ``(i, j, k)`` = (column, row, slice), ``row_cosines`` is the
+direction in which the column index ``i`` grows, ``col_cosines`` that of the row index ``j``,
+and slices are stacked along ``cross(row_cosines, col_cosines)``. World coordinates are LPS mm,
+as in DICOM and ITK; ``Geometry.affine_ras`` gives the RAS affine MONAI and NIfTI use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Geometry", "blob_phantom", "rotation", "write_dicom_series"]
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A voxel grid in LPS world space.
+
+    Attributes
+    ----------
+    shape:
+        ``(columns, rows, slices)``.
+    spacing:
+        ``(column spacing, row spacing, slice spacing)`` in mm.
+    origin:
+        LPS position (mm) of the centre of voxel ``(0, 0, 0)``.
+    row_cosines, col_cosines:
+        Unit vectors of ImageOrientationPatient (must be orthogonal).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    row_cosines: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    col_cosines: tuple[float, float, float] = (0.0, 1.0, 0.0)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cosines, self.col_cosines)
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        """4x4 map from voxel index (i, j, k, 1) to LPS mm."""
+        a = np.eye(4)
+        a[:3, 0] = np.asarray(self.row_cosines) * self.spacing[0]
+        a[:3, 1] = np.asarray(self.col_cosines) * self.spacing[1]
+        a[:3, 2] = self.normal * self.spacing[2]
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        """4x4 map from voxel index to RAS mm (NIfTI / MONAI convention)."""
+        return LPS_TO_RAS @ self.affine_lps
+
+    def world_points_lps(self) -> np.ndarray:
+        """``(X, Y, Z, 3)`` LPS coordinates of every voxel centre."""
+        idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
+        return idx @ self.affine_lps[:3, :3].T + self.affine_lps[:3, 3]
+
+    def index_of(self, point_lps: Sequence[float]) -> np.ndarray:
+        """Continuous voxel index of an LPS point."""
+        return (np.linalg.inv(self.affine_lps) @ np.append(np.asarray(point_lps, float), 1.0))[:3]
+
+
+def rotation(degrees_xyz: Sequence[float]) -> np.ndarray:
+    """3x3 rotation matrix, rotations about x, then y, then z (degrees)."""
+    ax, ay, az = np.deg2rad(degrees_xyz)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def blob_phantom(
+    geometry: Geometry,
+    blob_centre_lps: Sequence[float],
+    blob_radius_mm: float = 10.0,
+    *,
+    body_radius_mm: float | None = None,
+    body_hu: float = 40.0,
+    blob_hu: float = 300.0,
+    background_hu: float = -1000.0,
+    noise_hu: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """CT-like volume ``(X, Y, Z)`` float32 in HU: air, a body cylinder, a bright sphere.
+
+    The sphere's edge is smoothed over one voxel, so its intensity-weighted centroid sits at
+    ``blob_centre_lps`` to well under a voxel on any grid.
+    """
+    pts = geometry.world_points_lps()
+    vol = np.full(geometry.shape, background_hu, np.float32)
+    centre = np.asarray(blob_centre_lps, float)
+    if body_radius_mm is not None:
+        centre_xy = pts[..., :2].reshape(-1, 2).mean(axis=0)
+        r_xy = np.linalg.norm(pts[..., :2] - centre_xy, axis=-1)
+        vol[r_xy <= body_radius_mm] = body_hu
+    dist = np.linalg.norm(pts - centre, axis=-1)
+    edge = min(geometry.spacing)
+    weight = np.clip((blob_radius_mm + edge / 2 - dist) / edge, 0.0, 1.0)
+    base = vol.copy()
+    vol = base + weight.astype(np.float32) * (blob_hu - base)
+    if noise_hu:
+        vol += np.random.default_rng(seed).normal(0, noise_hu, vol.shape).astype(np.float32)
+    return vol
+
+
+@dataclass
+class SeriesInfo:
+    """Identity of a written series (for tests)."""
+
+    folder: Path
+    files: list[Path]
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    sop_uids: list[str] = field(default_factory=list)
+
+
+def write_dicom_series(
+    volume_hu: np.ndarray,
+    geometry: Geometry,
+    folder: str | Path,
+    *,
+    modality: str = "CT",
+    patient_id: str = "MEDCAM-PHANTOM",
+    patient_name: str = "Phantom^Medcam",
+    study_date: str = "20260101",
+    series_description: str = "synthetic phantom",
+    shuffle: bool = False,
+    seed: int = 0,
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    instance_numbers: Sequence[int] | None = None,
+    rescale: tuple[float, float] = (1.0, -1024.0),
+) -> SeriesInfo:
+    """Write ``volume_hu (X, Y, Z)`` as a single-frame CT/MR image series, one file per slice.
+
+    Parameters
+    ----------
+    shuffle:
+        Write the files in a random order with random names (InstanceNumber still follows the
+        slice order unless ``instance_numbers`` says otherwise), to test readers that must sort
+        by position.
+    instance_numbers:
+        Explicit InstanceNumber per slice (e.g. reversed, to catch InstanceNumber sorting).
+    rescale:
+        (RescaleSlope, RescaleIntercept) of the stored int16 values.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
+    sop_class = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4"
+    slope, intercept = rescale
+    stored = np.round((volume_hu - intercept) / slope).astype(np.int16)
+    order = list(range(geometry.shape[2]))
+    rng = random.Random(seed)
+    names = [f"slice_{k:04d}.dcm" for k in order]
+    if shuffle:
+        names = [f"im_{rng.getrandbits(40):010x}.dcm" for _ in order]
+        rng.shuffle(order)
+    info = SeriesInfo(folder, [], study_uid, series_uid, for_uid)
+    now = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    for k in order:
+        ds = pydicom.Dataset()
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+        ds.PatientName, ds.PatientID = patient_name, patient_id
+        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = for_uid, ""
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+        ds.Modality, ds.SeriesNumber = modality, 1
+        ds.SeriesDescription = series_description
+        ds.Manufacturer = "medcam synthetic"
+        ds.InstanceNumber = int(instance_numbers[k]) if instance_numbers is not None else k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [
+            float(v) for v in (*geometry.row_cosines, *geometry.col_cosines)
+        ]
+        pos = geometry.affine_lps @ np.array([0.0, 0.0, k, 1.0])
+        ds.ImagePositionPatient = [round(float(v), 6) for v in pos[:3]]
+        ds.PixelSpacing = [float(geometry.spacing[1]), float(geometry.spacing[0])]  # row, col
+        ds.SliceThickness = float(geometry.spacing[2])
+        ds.Rows, ds.Columns = geometry.shape[1], geometry.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        if modality == "CT":
+            ds.RescaleType = "HU"
+            ds.KVP = 120
+        # pixel_array is (rows, columns) = volume[:, :, k].T
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        path = folder / names[k]
+        ds.save_as(path, enforce_file_format=True)
+        info.files.append(path)
+        info.sop_uids.append(sop_uid)
+    return info

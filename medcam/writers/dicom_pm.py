@@ -1,0 +1,75 @@
+"""DICOM Parametric Map of a heatmap on the source series' grid (OHIF, 3D Slicer via dcmqi)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medcam.writers.dicom_common import (
+    DicomIdentity,
+    frames_from_volume,
+    method_code,
+    require_dicom_series,
+    sort_frames_along_normal,
+)
+
+__all__ = ["build_parametric_map"]
+
+
+def build_parametric_map(
+    heatmap: np.ndarray,
+    scan,
+    *,
+    method: str,
+    label: str,
+    identity: DicomIdentity,
+    description: str = "",
+):
+    """A float32 Parametric Map of ``heatmap (X, Y, Z)`` on ``scan``'s DICOM series.
+
+    Real values are stored directly (slope 1, intercept 0: OHIF ignores the Real World Value
+    Mapping, Slicer reads it), with the mapping's quantity set to the DICOM code for the method
+    (DCM 130403 Gradient-weighted class activation, 130402 Class activation, 130404
+    Saliency). Study, patient and frame of reference are the source's; series and instance
+    are new; every frame references its source slice. Two additions make dcmqi (Slicer's loader)
+    read it at the right positions: a FrameAnatomySequence in the shared functional groups, and
+    frames ordered ascending along the slice normal.
+    """
+    import highdicom as hd
+    from pydicom import Dataset
+    from pydicom.sr.codedict import codes
+
+    require_dicom_series(scan, "DICOM Parametric Map")
+    frames = frames_from_volume(np.asarray(heatmap, dtype=np.float32))
+    lo, hi = float(frames.min()), float(frames.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    code = method_code(method)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=method[:16],
+        lut_explanation=f"{code.meaning} ({label})"[:64],
+        unit=codes.UCUM.NoUnits,
+        value_range=(lo, hi),
+        intercept=0.0,
+        slope=1.0,
+        quantity_definition=code,
+    )
+    pm = hd.pm.ParametricMap(
+        source_images=scan.datasets,
+        pixel_array=frames,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo)
+        ],
+        content_label="HEATMAP",
+        content_description=(description or f"medcam {method} {label}")[:64],
+        content_creator_name="medcam^",
+        **identity.highdicom_kwargs(),
+    )
+    pm.SeriesDescription = (description or f"medcam {method} {label}")[:64]
+    anatomy = Dataset()
+    anatomy.FrameLaterality = "U"
+    anatomy.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.EntireBody)]
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+    sort_frames_along_normal(pm)
+    return pm

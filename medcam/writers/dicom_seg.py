@@ -1,0 +1,84 @@
+"""DICOM Segmentation of a thresholded heatmap: "where the model looked" as a mask."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medcam import __version__
+from medcam.errors import MedcamError
+from medcam.writers.dicom_common import (
+    DicomIdentity,
+    frames_from_volume,
+    method_code,
+    require_dicom_series,
+    sort_frames_along_normal,
+)
+
+__all__ = ["build_segmentation"]
+
+
+def build_segmentation(
+    heatmap: np.ndarray,
+    scan,
+    *,
+    threshold: float,
+    label: str,
+    method: str,
+    identity: DicomIdentity,
+    fractional: bool = False,
+):
+    """A DICOM SEG of ``heatmap (X, Y, Z) >= threshold`` on ``scan``'s series.
+
+    Parameters
+    ----------
+    threshold:
+        In the heatmap's units (raw, or [0, 1] after normalisation).
+    fractional:
+        Write a FRACTIONAL (probability) segment of ``heatmap / max`` instead of a BINARY mask
+        of the thresholded map (Weasis and Slicer show it; OHIF rejects fractional SEGs).
+
+    Every frame is written (no empty-frame omission), ordered ascending along the slice normal,
+    so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    require_dicom_series(scan, "DICOM SEG")
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if fractional:
+        peak = float(heat.max())
+        if peak <= 0:
+            raise MedcamError("The heatmap is all zero; a fractional SEG would be empty.")
+        pixels = np.clip(heat / peak, 0.0, 1.0)
+    else:
+        pixels = (heat >= threshold).astype(np.uint8)
+    frames = frames_from_volume(pixels)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"medcam {method}", family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=f"{method} {label}"[:64],
+        segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+        segmented_property_type=method_code(method),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor(53.2, 80.1, 67.2),  # red
+    )
+    kind = "FRACTIONAL" if fractional else "BINARY"
+    seg = hd.seg.Segmentation(
+        source_images=scan.datasets,
+        pixel_array=frames,
+        segmentation_type=kind,
+        segment_descriptions=[segment],
+        omit_empty_frames=False,
+        content_label="HEATMAP",
+        content_description=f"medcam {method} {label} >= {threshold:g}"[:64]
+        if not fractional
+        else f"medcam {method} {label} fraction of peak"[:64],
+        content_creator_name="medcam^",
+        **identity.highdicom_kwargs(),
+    )
+    seg.SeriesDescription = f"medcam {method} {label} {kind.lower()}"[:64]
+    sort_frames_along_normal(seg)
+    return seg

@@ -109,7 +109,6 @@ def save_figure_3d(
     rows = 1 + int(np.ceil(len(picks) / cols))
     fig = plt.figure(figsize=(2.2 * cols, 2.4 * rows + 0.6))
     grid = fig.add_gridspec(rows, cols)
-    im = None
     for i, name in enumerate(("axial", "coronal", "sagittal")):
         ax = fig.add_subplot(grid[0, 2 * i : 2 * i + 2])
         img, aspect = views_img[name]

@@ -21,7 +21,9 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 def _oblique_geometry() -> Geometry:
     r = rotation((12, -5, 25))
-    return Geometry((24, 20, 14), (1.1, 0.9, 2.5), (-30.0, -20.0, 10.0), tuple(r[:, 0]), tuple(r[:, 1]))
+    return Geometry(
+        (24, 20, 14), (1.1, 0.9, 2.5), (-30.0, -20.0, 10.0), tuple(r[:, 0]), tuple(r[:, 1])
+    )
 
 
 def test_series_is_sorted_by_position_not_instance_number(tmp_path):

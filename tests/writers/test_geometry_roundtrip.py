@@ -67,7 +67,9 @@ def _sitk_centroid_lps(image: sitk.Image) -> np.ndarray:
 def oblique_series(tmp_path):
     """Oblique (12/-5/25 degrees), anisotropic (1.1 x 0.9 x 2.5 mm), shuffled CT series."""
     r = rotation((12, -5, 25))
-    g = Geometry((48, 40, 30), (1.1, 0.9, 2.5), (-30.0, -20.0, 10.0), tuple(r[:, 0]), tuple(r[:, 1]))
+    g = Geometry(
+        (48, 40, 30), (1.1, 0.9, 2.5), (-30.0, -20.0, 10.0), tuple(r[:, 0]), tuple(r[:, 1])
+    )
     centre = g.affine_lps[:3] @ [30.0, 15.0, 12.0, 1.0]
     vol = blob_phantom(g, centre, 6.0, body_radius_mm=60)
     n = g.shape[2]
@@ -186,3 +188,39 @@ def test_pydicom_ct5n_roundtrip(intensity_cam, tmp_path):
     img = _dcmqi("paramap2itkimage", written["dicom-pm"][0], tmp_path / "pm")
     truth = scan.affine_lps @ np.append(target, 1.0)
     assert np.linalg.norm(_sitk_centroid_lps(img) - truth[:3]) < 1e-3
+
+
+def test_frames_are_written_ascending_along_the_normal(oblique_series):
+    """Sources handed over in descending order still give frames in dcmqi's order."""
+    from medcam.writers.dicom_common import DicomIdentity
+    from medcam.writers.dicom_pm import build_parametric_map
+    from medcam.writers.dicom_seg import build_segmentation
+
+    folder, _, geometry = oblique_series
+    scan = medcam.load_scan(folder)
+    heat = np.random.default_rng(0).random(scan.spatial_shape).astype(np.float32)
+    scan.datasets = scan.datasets[::-1]  # as if the source list were sorted the other way
+    flipped = heat[:, :, ::-1].copy()
+    pm = build_parametric_map(
+        flipped, scan, method="gradcam", label="c", identity=DicomIdentity.new(1)
+    )
+    seg = build_segmentation(
+        flipped, scan, threshold=0.5, label="c", method="gradcam", identity=DicomIdentity.new(2)
+    )
+    for ds in (pm, seg):
+        positions = [
+            np.dot(g.PlanePositionSequence[0].ImagePositionPatient, geometry.normal)
+            for g in ds.PerFrameFunctionalGroupsSequence
+        ]
+        assert positions == sorted(positions)
+        pointers = [item.DimensionIndexPointer for item in ds.DimensionIndexSequence]
+        d = pointers.index(0x00200032)  # the ImagePositionPatient dimension
+        values = [
+            int(np.atleast_1d(g.FrameContentSequence[0].DimensionIndexValues)[d])
+            for g in ds.PerFrameFunctionalGroupsSequence
+        ]
+        assert values == list(range(1, len(positions) + 1))
+    frames = np.frombuffer(pm.FloatPixelData, "<f4").reshape(-1, *heat.shape[1::-1])
+    np.testing.assert_array_equal(frames, np.transpose(heat, (2, 1, 0)))
+    seg_frames = seg.pixel_array.astype(bool)
+    np.testing.assert_array_equal(seg_frames, np.transpose(heat >= 0.5, (2, 1, 0)))

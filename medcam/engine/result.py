@@ -87,6 +87,20 @@ class CAMResult:
             "batched_backward": self.batched_backward,
         }
 
+    def sample(self, i: int) -> CAMResult:
+        """The result of sample ``i`` alone, as a batch of one."""
+        pick = slice(i, i + 1)
+        return replace(
+            self,
+            raw={k: v[pick] for k, v in self.raw.items()},
+            heatmaps={k: v[pick] for k, v in self.heatmaps.items()},
+            fused=None if self.fused is None else self.fused[pick],
+            classes=self.classes[pick],
+            scores=self.scores[pick],
+            logits=None if self.logits is None else self.logits[pick],
+            input_shape=(1, *self.input_shape[1:]),
+        )
+
     def cpu(self) -> CAMResult:
         """A copy with every tensor on the CPU."""
 

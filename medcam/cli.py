@@ -1,0 +1,125 @@
+"""The ``medcam`` command line: explain, layers, demo. Logic lives in the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from medcam.errors import MedcamError
+
+FORMATS_HELP = "Comma-separated: nifti, dicom-pm, dicom-seg, dicom-sc, png, json."
+
+
+def _model_options(f):
+    f = click.option("--preprocess", help="package.module:factory returning MONAI array transforms "
+                     "for the model input (default: the bundle's, else none).")(f)  # fmt: skip
+    f = click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+                     help="State-dict file for --model.")(f)  # fmt: skip
+    f = click.option("--model", "model_spec", metavar="MODULE:FACTORY",
+                     help="Python factory returning the eager network.")(f)  # fmt: skip
+    f = click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+                     help="MONAI bundle folder (network_def + models/model.pt).")(f)  # fmt: skip
+    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")(f)
+    return f
+
+
+def _run(fn):
+    """Call ``fn``; a MedcamError becomes a one-line message and exit status 2."""
+    try:
+        return fn()
+    except MedcamError as err:
+        click.echo(f"medcam: error: {err}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medcam-monai")
+def main() -> None:
+    """Explain 2D/3D medical-imaging CNNs; heatmaps back in the original scan space."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@_model_options
+@click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True,
+              help="Target layer name (repeat for several) or auto.")  # fmt: skip
+@click.option("--method", default="gradcam", show_default=True,
+              help="gradcam, gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
+@click.option("--target", default="pred", show_default=True,
+              help="pred, all, a class index, 1,2 or seg:1 (segmentation class).")  # fmt: skip
+@click.option("--format", "formats", default="nifti,png,json", show_default=True,
+              help=FORMATS_HELP)  # fmt: skip
+@click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none",
+              show_default=True)  # fmt: skip
+@click.option("--fusion", type=click.Choice(["mean", "product"]), default=None,
+              help="Fuse several --layer maps.")  # fmt: skip
+@click.option("--name-from-input", is_flag=True,
+              help="Name outputs after the input (may expose identifiers; default: input hash).")  # fmt: skip
+def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
+            formats, normalize, fusion, name_from_input) -> None:  # fmt: skip
+    """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases)."""
+    from tqdm import tqdm
+
+    from medcam.runner import explain_inputs, load_model, parse_target
+
+    def work():
+        spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                          preprocess=preprocess, device=device)  # fmt: skip
+        layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
+                       target=parse_target(target), formats=[f.strip() for f in formats.split(",")],
+                       normalize=normalize, fusion=fusion, name_from_input=name_from_input,
+                       progress=lambda it: tqdm(it, desc="cases", unit="case"),
+                       log=tqdm.write)  # fmt: skip
+
+    _run(work)
+
+
+@main.command()
+@_model_options
+@click.option("--input-size", help="Model input spatial size, e.g. 96,96,96 (default: from the "
+              "bundle's metadata).")  # fmt: skip
+@click.option("--in-channels", type=int, default=None, help="Input channels (default 1).")
+@click.option("--all", "show_all", is_flag=True, help="Also list layers without spatial output.")
+def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all):
+    """List candidate target layers with their feature-grid shapes."""
+    import torch
+
+    from medcam.engine.layers import list_layers
+    from medcam.runner import load_model
+
+    def work():
+        spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                          preprocess=preprocess, device=device)  # fmt: skip
+        if input_size:
+            shape = (in_channels or 1, *[int(v) for v in input_size.split(",")])
+        elif spec.input_shape:
+            shape = (in_channels or spec.input_shape[0], *spec.input_shape[1:])
+        else:
+            raise MedcamError("Give --input-size (e.g. 96,96,96); the model does not say it.")
+        x = torch.zeros(1, *shape, device=device)
+        infos = list_layers(spec.network, x)
+        click.echo(f"{'layer':60s} {'type':24s} output shape")
+        for info in infos:
+            if info.is_candidate or show_all:
+                mark = "" if info.is_candidate else "  (not a target)"
+                click.echo(f"{info.name:60s} {info.type:24s} {info.output_shape}{mark}")
+
+    _run(work)
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+def demo(out, device) -> None:
+    """Run the main job on built-in synthetic data (offline, about a minute on a CPU)."""
+    from medcam.demo import run_demo
+
+    _run(lambda: run_demo(Path(out), device=device, log=click.echo))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Explaining inputs from the command line: model specs, targets, case discovery, the loop.
+
+The CLI (``medcam explain``) and cohort runs call these; they hold no logic of their own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcam.errors import InputError, MedcamError, ModelError, TargetError
+
+__all__ = ["ModelSpec", "expand_inputs", "explain_inputs", "load_model", "parse_target"]
+
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".dcm")
+
+
+def _import_object(spec: str, what: str) -> Any:
+    if ":" not in spec:
+        raise MedcamError(f"{what} {spec!r} must look like 'package.module:name'.")
+    module_name, attr = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise MedcamError(f"Cannot import {module_name!r} for {what} {spec!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise MedcamError(f"{module_name!r} has no {attr!r} (from {what} {spec!r}).") from None
+
+
+@dataclass
+class ModelSpec:
+    """A network plus the preprocessing that makes its input, ready to explain."""
+
+    network: torch.nn.Module
+    preprocess: Any
+    source: str
+    input_shape: tuple[int, ...] | None = None
+
+
+def load_model(
+    *,
+    bundle: str | Path | None = None,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    preprocess: str | None = None,
+    device: str = "cpu",
+) -> ModelSpec:
+    """Build the network from a bundle, or from ``package.module:factory`` (+ state-dict file).
+
+    ``preprocess`` (``package.module:factory``) returns MONAI array transforms for the model
+    input; a bundle's own preprocessing is used when none is given.
+    """
+    if (bundle is None) == (model is None):
+        raise MedcamError("Give exactly one of --bundle DIR or --model package.module:factory.")
+    pre = _import_object(preprocess, "--preprocess")() if preprocess else None
+    if bundle is not None:
+        from medcam.bundle import load_bundle
+
+        b = load_bundle(bundle, device)
+        return ModelSpec(
+            b.network, pre or b.preprocess, f"bundle {Path(bundle).name}", b.input_shape()
+        )
+    factory = _import_object(model, "--model")
+    network = factory()
+    if not isinstance(network, torch.nn.Module):
+        raise ModelError(f"--model {model} returned a {type(network).__name__}, not a nn.Module.")
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelError(f"The weights in {weights} do not fit {model}: {err}") from err
+    return ModelSpec(network.to(device).eval(), pre, model)
+
+
+def parse_target(text: str) -> Any:
+    """``pred``, ``all``, ``3``, ``1,2`` (several classes) or ``seg:1`` (segmentation class)."""
+    from medcam.engine.targets import SegmentationTarget
+
+    text = text.strip()
+    if text in ("pred", "all"):
+        return text
+    try:
+        if text.startswith("seg:"):
+            return SegmentationTarget([int(v) for v in text[4:].split(",")])
+        classes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise TargetError(
+            f"Cannot read target {text!r}; use pred, all, a class index, 1,2 or seg:1."
+        ) from None
+    return classes[0] if len(classes) == 1 else [classes]
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    import pydicom
+
+    for p in folder.iterdir():
+        if p.is_file():
+            try:
+                pydicom.dcmread(p, stop_before_pixels=True)
+                return True
+            except Exception:
+                continue
+    return False
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Cases from command-line inputs: a file, a DICOM series folder, or a folder of cases
+    (its subfolders and scan files, one level down)."""
+    cases: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(f"{p} does not exist.")
+        if p.is_file() or _is_dicom_folder(p):
+            cases.append(p)
+            continue
+        children = sorted(
+            c for c in p.iterdir()
+            if (c.is_dir() and not c.name.startswith(".")) or c.name.lower().endswith(SCAN_SUFFIXES)
+        )  # fmt: skip
+        if not children:
+            raise InputError(f"{p} holds no DICOM files, scan files or case folders.")
+        cases.extend(children)
+    return cases
+
+
+def explain_inputs(
+    spec: ModelSpec,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    layers: Any = "auto",
+    method: str = "gradcam",
+    target: Any = "pred",
+    formats: Sequence[str] = ("nifti", "png", "json"),
+    normalize: str = "none",
+    fusion: str | None = None,
+    name_from_input: bool = False,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Explain every case in ``inputs`` and write its outputs under ``out/<case>/``.
+
+    Returns one record per case: ``{"input", "case", "outputs"}``. Everything is validated (the
+    cases exist, the output folder is writable, the method and formats are known) before the
+    first case runs.
+    """
+    from medcam.engine.core import Explainer
+    from medcam.io.output import OutputDir, safe_name
+    from medcam.io.scan import load_scan
+    from medcam.space import explain_scan
+    from medcam.writers.outputs import FORMATS, case_name, write_outputs
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise MedcamError(f"Unknown format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    cases = expand_inputs(inputs)
+    OutputDir(out)
+    explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    records = []
+    for path in progress(cases):
+        scan = load_scan(path)
+        stem = path.name.split(".")[0]
+        case = safe_name(stem) if name_from_input else case_name(scan)
+        ex = explain_scan(
+            spec.network, scan, preprocess=spec.preprocess, target=target, normalize=normalize,
+            explainer=explainer,
+        )  # fmt: skip
+        written = write_outputs(ex, Path(out) / case, formats, model=spec.network, case=case)
+        files = [str(p) for paths in written.values() for p in paths]
+        records.append({"input": str(path), "case": case, "outputs": files})
+        log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
+    return records

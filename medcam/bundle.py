@@ -205,11 +205,14 @@ class CAMHandler:
             preprocess = getattr(engine.data_loader.dataset, "transform", None)
         if preprocess is not None and not isinstance(preprocess, DictPreprocess):
             preprocess = DictPreprocess(preprocess, self.image_key)
-        images = engine.state.batch[self.image_key]
+        batch = engine.state.batch
+        # MONAI evaluators decollate the batch into a list of samples after postprocessing
+        items = batch if isinstance(batch, list) else decollate_batch(batch)
+        images = torch.stack([torch.as_tensor(item[self.image_key]) for item in items])
         explainer = Explainer(network, self.layers, self.method, fusion=self.fusion)
         with torch.enable_grad():  # the evaluator runs under no_grad
-            cam = explainer(torch.as_tensor(images), self.target)
-        for i, item in enumerate(decollate_batch(engine.state.batch)):
+            cam = explainer(images, self.target)
+        for i, item in enumerate(items):
             image = item[self.image_key]
             if not isinstance(image, MetaTensor):
                 raise MedcamError("The evaluator batch has no MetaTensor image; cannot invert.")
@@ -219,8 +222,8 @@ class CAMHandler:
             scan = load_scan(source)
             maps = invert_to_source(cam.heatmap[i].detach(), image, preprocess, scan)
             heat, record = normalize_maps(maps[None], self.normalize)
-            ex = ScanExplanation(scan, heat[0], cam.sample(i), record,
-                                 [type(t).__name__ for t in preprocess.transforms] if preprocess else [])  # fmt: skip
+            names = [type(t).__name__ for t in preprocess.transforms] if preprocess else []
+            ex = ScanExplanation(scan, heat[0], cam.sample(i), record, names)
             case = safe_name(Path(str(source)).name.split(".")[0]) if self.name_from_input else None
             written = write_outputs(ex, self.output_dir, self.formats, model=network, case=case)
             for paths in written.values():

@@ -56,8 +56,11 @@ def main() -> None:
               show_default=True)  # fmt: skip
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None,
               help="Fuse several --layer maps.")  # fmt: skip
-@click.option("--name-from-input", is_flag=True,
-              help="Name outputs after the input (may expose identifiers; default: input hash).")  # fmt: skip
+@click.option(
+    "--name-from-input",
+    is_flag=True,
+    help="Name outputs after the input (may expose identifiers); default: a hash.",
+)
 def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
             formats, normalize, fusion, name_from_input) -> None:  # fmt: skip
     """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases)."""

@@ -87,8 +87,8 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
     clf = load_demo_weights(demo_classifier(), "classifier").to(dev)
     scan = load_scan(out / "inputs" / "dicom")
     cls_ex = explain_scan(clf, scan, preprocess=demo_preprocess(), target="pred")
-    written = write_outputs(cls_ex, out / "classifier", ["nifti", "dicom-pm", "dicom-seg", "dicom-sc",
-                            "png", "json"], model=clf, case="demo")  # fmt: skip
+    every_format = ["nifti", "dicom-pm", "dicom-seg", "dicom-sc", "png", "json"]
+    written = write_outputs(cls_ex, out / "classifier", every_format, model=clf, case="demo")
     probs = cls_ex.probabilities() or [float("nan")]
     cls_dist = _peak_distance_mm(cls_ex.heatmap[0].cpu().numpy(), scan.affine_lps, lesion)
 

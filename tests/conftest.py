@@ -108,3 +108,23 @@ class IntensityCAM(nn.Module):
 @pytest.fixture
 def intensity_cam() -> IntensityCAM:
     return IntensityCAM().eval()
+
+
+@pytest.fixture(scope="session")
+def phantom_cases(tmp_path_factory):
+    """Two demo-anatomy NIfTI cases (lesion / none) and the lesion centre (LPS mm)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medcam.data.demo import ct_phantom
+    from medcam.data.synthetic import LPS_TO_RAS
+    from medcam.demo import LESION_OFFSET_MM, demo_geometry
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    g = demo_geometry()
+    centre = g.affine_lps[:3] @ np.append((np.array(g.shape) - 1) / 2, 1.0)
+    lesion = centre + np.array(LESION_OFFSET_MM)
+    for name, where in (("a_lesion", lesion), ("b_none", None)):
+        hu = ct_phantom(g, where, 12.0)
+        nib.save(nib.Nifti1Image(hu, LPS_TO_RAS @ g.affine_lps), folder / f"{name}.nii.gz")
+    return folder, lesion, g

@@ -1,0 +1,142 @@
+"""The command line, end to end, outputs checked for geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from click.testing import CliRunner
+
+import medcam
+from medcam.cli import main
+from medcam.data.synthetic import LPS_TO_RAS
+
+BUNDLES = Path(__file__).parent.parent / "examples" / "bundles"
+
+
+def _peak_lps(path: Path) -> np.ndarray:
+    img = nib.load(path)
+    data = np.asarray(img.dataobj)
+    peak = np.unravel_index(int(np.argmax(data)), data.shape)
+    return (LPS_TO_RAS @ img.affine @ np.append(np.asarray(peak, float), 1.0))[:3]
+
+
+def test_help_everywhere():
+    runner = CliRunner()
+    for args in ([], ["explain"], ["layers"], ["demo"]):
+        result = runner.invoke(main, [*args, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_demo(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "class 1" in result.output and "classifier/demo_gradcam_class1_pm.dcm" in result.output
+    source = medcam.load_scan(out / "inputs" / "dicom")
+    nii = nib.load(out / "classifier" / "demo_gradcam_class1.nii.gz")
+    assert nii.shape == source.spatial_shape
+    np.testing.assert_allclose(nii.affine, source.affine_ras, atol=1e-4)
+    record = json.loads((out / "classifier" / "demo.json").read_text())
+    assert record["explanation"]["feature_shapes"] == {"class_layers.relu": [6, 6, 6]}
+    # the summary line reports distances; both heatmaps peak near the lesion
+    from medcam.demo import LESION_OFFSET_MM, demo_geometry
+
+    g = demo_geometry()
+    lesion = g.affine_lps[:3] @ np.append((np.array(g.shape) - 1) / 2, 1.0) + LESION_OFFSET_MM
+    assert (
+        np.linalg.norm(_peak_lps(out / "classifier" / "demo_gradcam_class1.nii.gz") - lesion) < 20
+    )
+    seg_nii = out / "segmenter" / "demo_layercam_class1.nii.gz"
+    assert np.linalg.norm(_peak_lps(seg_nii) - lesion) < 12
+    pm = pydicom.dcmread(out / "classifier" / "demo_gradcam_class1_pm.dcm")
+    assert pm.Modality == "OT" or pm.SOPClassUID.name == "Parametric Map Storage"
+    assert len(list((out / "classifier" / "demo_gradcam_class1_sc").iterdir())) == g.shape[2]
+
+
+def test_explain_with_bundle_on_a_folder_of_cases(tmp_path, phantom_cases):
+    folder, lesion, _ = phantom_cases
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(folder), "--out", str(out), "--bundle", str(BUNDLES / "classify3d"),
+         "--target", "1", "--format", "nifti,json", "--name-from-input"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lesion_map = out / "a_lesion" / "a_lesion_gradcam_class1.nii.gz"
+    none_map = out / "b_none" / "b_none_gradcam_class1.nii.gz"
+    assert lesion_map.exists() and none_map.exists()
+    src = nib.load(folder / "a_lesion.nii.gz")
+    assert nib.load(lesion_map).shape == src.shape
+    np.testing.assert_allclose(nib.load(lesion_map).affine, src.affine, atol=1e-4)
+    assert np.linalg.norm(_peak_lps(lesion_map) - lesion) < 20
+    record = json.loads((out / "a_lesion" / "a_lesion.json").read_text())
+    assert record["explanation"]["probabilities"][0] > 0.9
+
+
+def test_explain_with_model_factory_on_dicom(tmp_path, phantom_cases):
+    from medcam.data.demo import ct_phantom
+    from medcam.data.synthetic import write_dicom_series
+
+    _, lesion, g = phantom_cases
+    write_dicom_series(ct_phantom(g, lesion), g, tmp_path / "series", shuffle=True)
+    weights = Path(medcam.__file__).parent / "data" / "weights" / "demo_classifier.pt"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(tmp_path / "series"), "--out", str(out),
+         "--model", "medcam.data.demo:demo_classifier", "--weights", str(weights),
+         "--preprocess", "medcam.data.demo:demo_preprocess", "--layer", "features.denseblock2",
+         "--layer", "class_layers.relu", "--fusion", "product", "--method", "gradcam++",
+         "--format", "nifti,dicom-pm,json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (case,) = list(out.iterdir())
+    assert case.name.startswith("case-")
+    record = json.loads(next(case.glob("*.json")).read_text())
+    assert record["explanation"]["fusion"] == "product"
+    assert record["explanation"]["method"] == "gradcam++"
+    nii = next(case.glob("*.nii.gz"))
+    assert np.linalg.norm(_peak_lps(nii) - lesion) < 20
+
+
+def test_layers_command():
+    result = CliRunner().invoke(main, ["layers", "--bundle", str(BUNDLES / "classify3d")])
+    assert result.exit_code == 0, result.output
+    assert "class_layers.relu" in result.output and "(1, 40, 6, 6, 6)" in result.output
+    sized = CliRunner().invoke(
+        main, ["layers", "--bundle", str(BUNDLES / "classify3d"), "--input-size", "96,96,96"]
+    )
+    assert "(1, 40, 12, 12, 12)" in sized.output
+
+
+def test_clear_errors(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    runner = CliRunner()
+    both = runner.invoke(main, ["explain", str(folder), "--out", str(tmp_path / "o"), "--bundle",
+                                str(BUNDLES / "classify3d"), "--model", "x:y"])  # fmt: skip
+    assert both.exit_code == 2 and "exactly one of --bundle" in both.output
+    # a bundle that ships only TorchScript
+    ts_bundle = tmp_path / "ts_bundle"
+    (ts_bundle / "configs").mkdir(parents=True)
+    (ts_bundle / "models").mkdir()
+    config = (BUNDLES / "classify3d" / "configs" / "inference.json").read_text()
+    (ts_bundle / "configs" / "inference.json").write_text(config)
+    net = torch.jit.script(torch.nn.Conv3d(1, 1, 1))
+    net.save(str(ts_bundle / "models" / "model.ts"))
+    ts = runner.invoke(main, ["explain", str(folder), "--out", str(tmp_path / "o"), "--bundle",
+                              str(ts_bundle)])  # fmt: skip
+    assert ts.exit_code == 2 and "TorchScript" in ts.output and "model.pt" in ts.output
+    bad_layer = runner.invoke(main, ["explain", str(folder), "--out", str(tmp_path / "o"),
+                                     "--bundle", str(BUNDLES / "classify3d"), "--layer",
+                                     "class_layers.rleu"])  # fmt: skip
+    assert bad_layer.exit_code == 2 and "class_layers.relu" in bad_layer.output
+    bad_format = runner.invoke(main, ["explain", str(folder), "--out", str(tmp_path / "o"),
+                                      "--bundle", str(BUNDLES / "classify3d"), "--format",
+                                      "nifti,gif"])  # fmt: skip
+    assert bad_format.exit_code == 2 and "gif" in bad_format.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

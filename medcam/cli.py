@@ -115,6 +115,70 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
 
 
 @main.command()
+@click.argument("visits", nargs=-1, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV with columns scan, heatmap (optional), date (optional), label (optional).",
+)
+@click.option(
+    "--dates", help="Comma-separated YYYY-MM-DD, one per VISIT (default: DICOM StudyDate)."
+)
+@_model_options
+@click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
+@click.option("--method", default="gradcam", show_default=True)
+@click.option("--target", default="pred", show_default=True)
+@click.option(
+    "--registration",
+    type=click.Choice(["rigid", "affine", "deformable", "none"]),
+    default="rigid",
+    show_default=True,
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Activation threshold in heatmap units (default: half the baseline maximum).",
+)
+@click.option("--mr", is_flag=True, help="MR (no CT body threshold; Otsu mask instead).")
+def compare(visits, out, manifest, dates, bundle, model_spec, weights, preprocess, device, layers,
+            method, target, registration, threshold, mr) -> None:  # fmt: skip
+    """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
+    from medcam.longitudinal import compare as run_compare
+    from medcam.runner import load_model, load_timepoints, parse_target, read_manifest
+
+    def work():
+        if bool(manifest) == bool(visits):
+            raise MedcamError("Give the visits as arguments or as --manifest, not both or none.")
+        if manifest:
+            entries = read_manifest(manifest)
+        else:
+            date_list = dates.split(",") if dates else [None] * len(visits)
+            if len(date_list) != len(visits):
+                raise MedcamError(f"{len(date_list)} --dates for {len(visits)} visits.")
+            entries = [{"scan": v, "date": d} for v, d in zip(visits, date_list, strict=True)]
+        spec = None
+        if bundle or model_spec:
+            spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                              preprocess=preprocess, device=device)  # fmt: skip
+        layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        tps = load_timepoints(entries, spec, layers=layer_arg, method=method,
+                              target=parse_target(target))  # fmt: skip
+        result = run_compare(tps, registration=registration, threshold=threshold, out=out,
+                             body_threshold=None if mr else -500.0)  # fmt: skip
+        for row in result.rows:
+            click.echo(
+                f"{row['date']} (day {row['days']:4d}): activated {row['volume_ml']:.2f} mL "
+                f"({row['volume_change_pct']:+.1f} %), centroid shift "
+                f"{row['centroid_shift_mm']:.2f} mm, Dice {row['dice']:.2f}"
+            )
+        click.echo(f"report: {Path(out) / 'report.html'}")
+
+    _run(work)
+
+
+@main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="cpu", show_default=True)
 def demo(out, device) -> None:

@@ -15,7 +15,15 @@ import torch
 
 from medcam.errors import InputError, MedcamError, ModelError, TargetError
 
-__all__ = ["ModelSpec", "expand_inputs", "explain_inputs", "load_model", "parse_target"]
+__all__ = [
+    "ModelSpec",
+    "expand_inputs",
+    "explain_inputs",
+    "load_model",
+    "load_timepoints",
+    "parse_target",
+    "read_manifest",
+]
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".dcm")
 
@@ -181,3 +189,76 @@ def explain_inputs(
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
     return records
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
+
+    Relative paths are relative to the manifest's folder. Errors name the row and column.
+    """
+    import csv
+
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or [])
+        if "scan" not in columns:
+            raise InputError(f"{path}: the manifest needs a 'scan' column (has {sorted(columns)}).")
+        unknown = columns - {"scan", "heatmap", "date", "label"}
+        if unknown:
+            raise InputError(f"{path}: unknown column(s) {sorted(unknown)}; use scan, heatmap, "
+                             "date, label.")  # fmt: skip
+        rows = []
+        for n, row in enumerate(reader, start=2):
+            entry: dict[str, Any] = {}
+            for key in ("scan", "heatmap"):
+                if row.get(key):
+                    p = Path(row[key])
+                    p = p if p.is_absolute() else path.parent / p
+                    if not p.exists():
+                        raise InputError(f"{path}, line {n}: {key} {p} does not exist.")
+                    entry[key] = p
+            if "scan" not in entry:
+                raise InputError(f"{path}, line {n}: empty 'scan'.")
+            entry["date"] = row.get("date") or None
+            entry["label"] = row.get("label") or ""
+            rows.append(entry)
+    return rows
+
+
+def load_timepoints(
+    entries: Sequence[dict[str, Any]],
+    spec: ModelSpec | None = None,
+    *,
+    layers: Any = "auto",
+    method: str = "gradcam",
+    target: Any = "pred",
+) -> list:
+    """Visits from ``{"scan", "heatmap"?, "date"?, "label"?}`` entries; heatmaps missing from an
+    entry are computed with ``spec`` (the same explainer for every visit)."""
+    from medcam.engine.core import Explainer
+    from medcam.longitudinal.timepoint import Timepoint
+    from medcam.space import explain_scan
+
+    explainer = Explainer(spec.network, layers, method) if spec is not None else None
+    visits = []
+    for entry in entries:
+        if entry.get("heatmap"):
+            visit = Timepoint.from_files(
+                entry["scan"],
+                entry["heatmap"],
+                date=entry.get("date"),
+                label=entry.get("label", ""),
+            )
+            visits.append(visit)
+            continue
+        if spec is None:
+            raise MedcamError(
+                f"No heatmap for {entry['scan']}: give one (manifest 'heatmap' column) or a model "
+                "(--bundle / --model) to compute it."
+            )
+        ex = explain_scan(spec.network, entry["scan"], preprocess=spec.preprocess, target=target,
+                          explainer=explainer)  # fmt: skip
+        visits.append(Timepoint.from_explanation(ex, date=entry.get("date"), model=spec.network,
+                                                 label=entry.get("label", "")))  # fmt: skip
+    return visits

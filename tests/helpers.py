@@ -16,3 +16,23 @@ def weighted_centroid_world(values: np.ndarray, affine: np.ndarray) -> np.ndarra
 def voxel_size(affine: np.ndarray) -> float:
     """Largest voxel edge of an affine (mm)."""
     return float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).max())
+
+
+def lesion_window():
+    """Preprocessing for IntensityCAM on torso phantoms: only the lesion (150 HU) lights up
+    (bone, > 300 HU, is set to air first; liver, 65 HU, falls below the window)."""
+    from monai.transforms import Compose, ScaleIntensityRange, ThresholdIntensity
+
+    return Compose(
+        [
+            ThresholdIntensity(threshold=300.0, above=False, cval=-1000.0),
+            ScaleIntensityRange(100.0, 140.0, 0.0, 1.0, clip=True),
+        ]
+    )
+
+
+def intensity_cam_3d():
+    """Factory for ``medcam --model tests.helpers:intensity_cam_3d``."""
+    from tests.conftest import IntensityCAM
+
+    return IntensityCAM(spatial_dims=3)

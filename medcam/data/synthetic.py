@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Geometry", "blob_phantom", "rotation", "write_dicom_series"]
+__all__ = [
+    "Geometry",
+    "blob_phantom",
+    "rigid_motion",
+    "rotation",
+    "sphere_heatmap",
+    "torso_phantom",
+    "write_dicom_series",
+]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -220,3 +228,83 @@ def write_dicom_series(
         info.files.append(path)
         info.sop_uids.append(sop_uid)
     return info
+
+
+def rigid_motion(degrees_xyz: Sequence[float], shift_mm: Sequence[float], centre_lps=(0, 0, 0)):
+    """4x4 rigid motion in LPS: rotate about ``centre_lps`` (x, then y, then z), then shift."""
+    m = np.eye(4)
+    r = rotation(degrees_xyz)
+    c = np.asarray(centre_lps, float)
+    m[:3, :3] = r
+    m[:3, 3] = c - r @ c + np.asarray(shift_mm, float)
+    return m
+
+
+def torso_phantom(
+    geometry: Geometry,
+    motion: np.ndarray | None = None,
+    lesion_centre: Sequence[float] = (-45.0, -10.0, 15.0),
+    lesion_radius_mm: float = 12.0,
+    *,
+    noise_hu: float = 10.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """CT-like torso ``(X, Y, Z)`` HU on ``geometry``, with the patient moved by ``motion``.
+
+    Anatomy is defined in patient coordinates (LPS mm, origin at the body centre): an ellipsoid
+    body ending above and below, a spine, a liver on the patient's right, two kidneys, a lung
+    base and a lesion sphere in the liver. The patient is placed in the scanner by ``motion``
+    (4x4, patient -> scanner world; identity for the baseline), so each visit can have its own
+    grid, field of view and position, and the truth is known exactly.
+    """
+    pts = geometry.world_points_lps()
+    if motion is not None:
+        inv = np.linalg.inv(motion)
+        pts = pts @ inv[:3, :3].T + inv[:3, 3]
+    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    edge = float(np.mean(geometry.spacing))  # partial-volume blur, as a scanner's PSF
+
+    def soft(inside_distance):
+        """Occupancy in [0, 1] from a signed distance (mm, positive inside)."""
+        return np.clip(0.5 + inside_distance / edge, 0.0, 1.0).astype(np.float32)
+
+    def ellipsoid(c, r):
+        q = np.sqrt(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2)
+        return soft((1.0 - q) * min(r))
+
+    def paint(hu, weight, value):
+        return hu + weight * (value - hu)
+
+    body = ellipsoid((0, 0, 0), (150, 105, 170))
+    hu = paint(np.full(geometry.shape, -1000.0, np.float32), body, 40.0)
+    hu = paint(hu, ellipsoid((-60, -5, 55), (55, 60, 40)), -820.0)  # right lung base
+    hu = paint(hu, ellipsoid((55, 0, 60), (45, 55, 35)), -850.0)  # left lung base
+    hu = paint(hu, ellipsoid((-50, -15, -5), (65, 55, 55)), 65.0)  # liver (patient right)
+    hu = paint(hu, ellipsoid((-55, 45, -60), (22, 18, 40)), 30.0)  # right kidney
+    hu = paint(hu, ellipsoid((60, 45, -50), (22, 18, 40)), 30.0)  # left kidney
+    spine = soft(16.0 - np.sqrt(x**2 + (y - 65) ** 2)) * soft(160.0 - np.abs(z))
+    hu = paint(hu, spine, 600.0)
+    hu = paint(np.full(geometry.shape, -1000.0, np.float32), body, 0.0) + body * hu
+    c = np.asarray(lesion_centre, float)
+    dist = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+    hu = paint(hu, soft(lesion_radius_mm - dist), 150.0)
+    if noise_hu:
+        hu += np.random.default_rng(seed).normal(0, noise_hu, hu.shape).astype(np.float32)
+    return hu.astype(np.float32)
+
+
+def sphere_heatmap(
+    geometry: Geometry,
+    centre_patient: Sequence[float],
+    radius_mm: float,
+    motion: np.ndarray | None = None,
+) -> np.ndarray:
+    """A heatmap equal to 1 inside a sphere (edge smoothed over one voxel), 0 outside: stands in
+    for a CAM that covers a lesion exactly, so volumes and centroids have known answers."""
+    pts = geometry.world_points_lps()
+    if motion is not None:
+        inv = np.linalg.inv(motion)
+        pts = pts @ inv[:3, :3].T + inv[:3, 3]
+    dist = np.linalg.norm(pts - np.asarray(centre_patient, float), axis=-1)
+    edge = min(geometry.spacing)
+    return np.clip((radius_mm + edge / 2 - dist) / edge, 0, 1).astype(np.float32)

@@ -5,6 +5,7 @@ from medcam.engine.layers import LayerInfo, list_layers
 from medcam.engine.methods import METHODS, CAMMethod, MethodContext, get_method, register_method
 from medcam.engine.postprocess import fuse_maps, normalize_maps, upsample
 from medcam.engine.result import CAMResult
+from medcam.engine.sliding import explain_sliding_window
 from medcam.engine.targets import (
     AllClasses,
     CallableTarget,
@@ -31,6 +32,7 @@ __all__ = [
     "Target",
     "as_target",
     "explain",
+    "explain_sliding_window",
     "fuse_maps",
     "get_method",
     "list_layers",

@@ -50,7 +50,11 @@ def make_volumes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         for j, c in enumerate(centres):
             if labels[i] == 1 and j == 0:
                 half = SIDE / 2
-                obj = (np.abs(x - c[0]) <= half) & (np.abs(y - c[1]) <= half) & (np.abs(z - c[2]) <= half)
+                obj = (
+                    (np.abs(x - c[0]) <= half)
+                    & (np.abs(y - c[1]) <= half)
+                    & (np.abs(z - c[2]) <= half)
+                )
                 masks[i] = obj
             else:
                 obj = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= RADIUS**2
@@ -124,7 +128,11 @@ def main() -> None:
     model = train(RESULTS / "quality_model.pt", args.steps, print)
     xt, yt, _ = make_volumes(200, seed=7)
     with torch.no_grad():
-        acc = float((torch.cat([model(xt[i : i + 20]).argmax(1) for i in range(0, 200, 20)]) == yt).float().mean())
+        acc = float(
+            (torch.cat([model(xt[i : i + 20]).argmax(1) for i in range(0, 200, 20)]) == yt)
+            .float()
+            .mean()
+        )
     print(f"held-out accuracy {acc:.1%} ({time.perf_counter() - t0:.0f} s)")
     x, y, masks = make_volumes(args.n_test * 2, seed=11)
     x, masks = x[y == 1][: args.n_test], masks[y == 1][: args.n_test]
@@ -134,24 +142,62 @@ def main() -> None:
 
     configs = [(m, {"layers": "13", "method": m}) for m in
                ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "cam")]  # fmt: skip
+    both = ["9", "13"]  # the 16^3 and the 8^3 layer
     configs += [
         ("gradcam 16^3 layer", {"layers": "9", "method": "gradcam"}),
         ("layercam 16^3 layer", {"layers": "9", "method": "layercam"}),
-        ("gradcam fusion mean 16^3+8^3", {"layers": ["9", "13"], "method": "gradcam", "fusion": "mean"}),
-        ("gradcam fusion product 16^3+8^3", {"layers": ["9", "13"], "method": "gradcam", "fusion": "product"}),
-        ("layercam fusion product 16^3+8^3", {"layers": ["9", "13"], "method": "layercam", "fusion": "product"}),
+        ("gradcam fusion mean 16^3+8^3", {"layers": both, "method": "gradcam", "fusion": "mean"}),
+        ("gradcam fusion product 16^3+8^3",
+         {"layers": both, "method": "gradcam", "fusion": "product"}),
+        ("layercam fusion product 16^3+8^3",
+         {"layers": both, "method": "layercam", "fusion": "product"}),
     ]  # fmt: skip
     rows = []
     for name, kw in configs:
-        heat = torch.cat([medcam.explain(model, x[i : i + 8], 1, **kw).heatmap[:, 0] for i in range(0, len(x), 8)])
+        heat = torch.cat(
+            [
+                medcam.explain(model, x[i : i + 8], 1, **kw).heatmap[:, 0]
+                for i in range(0, len(x), 8)
+            ]
+        )
         rs = ev.randomization_spearman(model, x[:8], target=1, **kw)
-        rows.append(evaluate_maps(name, heat, x, masks, score_fn, args.n_curve, args.curve_steps, float(np.mean(rs))))
+        rows.append(
+            evaluate_maps(
+                name, heat, x, masks, score_fn, args.n_curve, args.curve_steps, float(np.mean(rs))
+            )
+        )
         print(f"{name}: {rows[-1]}", flush=True)
     rng = torch.Generator().manual_seed(0)
-    rows.append(evaluate_maps("baseline: random map", torch.rand(x[:, 0].shape, generator=rng), x, masks, score_fn, args.n_curve, args.curve_steps))
-    rows.append(evaluate_maps("baseline: input intensity", x[:, 0].clamp_min(0), x, masks, score_fn, args.n_curve, args.curve_steps))
-    rand_del = [ev.deletion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random") for i in range(args.n_curve)]
-    rand_ins = [ev.insertion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random") for i in range(args.n_curve)]
+    rows.append(
+        evaluate_maps(
+            "baseline: random map",
+            torch.rand(x[:, 0].shape, generator=rng),
+            x,
+            masks,
+            score_fn,
+            args.n_curve,
+            args.curve_steps,
+        )
+    )
+    rows.append(
+        evaluate_maps(
+            "baseline: input intensity",
+            x[:, 0].clamp_min(0),
+            x,
+            masks,
+            score_fn,
+            args.n_curve,
+            args.curve_steps,
+        )
+    )
+    rand_del = [
+        ev.deletion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random")
+        for i in range(args.n_curve)
+    ]
+    rand_ins = [
+        ev.insertion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random")
+        for i in range(args.n_curve)
+    ]
     report = {
         "task": f"{SIZE}^3, cube vs spheres (r={RADIUS}), noise 0.25, 3 objects",
         "model_parameters": int(sum(p.numel() for p in model.parameters())),
@@ -170,12 +216,14 @@ def main() -> None:
         "# Explanation quality (synthetic 3D cube-vs-spheres task)",
         "",
         f"{report['task']}; CNN with {report['model_parameters']} parameters, held-out accuracy "
-        f"{acc:.1%}; {len(x)} class-1 test volumes (pointing game, energy, IoU), {args.n_curve} for "
-        f"deletion/insertion ({args.curve_steps} steps), 8 for the randomisation check. Random-order "
+        f"{acc:.1%}; {len(x)} class-1 test volumes (pointing game, energy, IoU), {args.n_curve} "
+        f"for deletion/insertion ({args.curve_steps} steps), 8 for the randomisation check. "
+        "Random-order "
         f"deletion AUC {report['random_order_deletion_auc']:.3f}, insertion "
         f"{report['random_order_insertion_auc']:.3f}.",
         "",
-        "| method | PG strict | PG ±1 | energy PG | top IoU | deletion AUC ↓ | insertion AUC ↑ | randomisation Spearman ↓ |",
+        "| method | PG strict | PG ±1 | energy PG | top IoU | deletion AUC ↓ | insertion AUC ↑ "
+        "| randomisation Spearman ↓ |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

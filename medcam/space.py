@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medcam.engine.core import Explainer
+from medcam.engine.layers import model_device
 from medcam.engine.postprocess import Normalization, normalize_maps
 from medcam.engine.result import CAMResult
 from medcam.errors import MedcamError
@@ -99,6 +100,8 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     """
     from monai.data import MetaTensor
 
+    if isinstance(model_input, torch.Tensor):
+        maps = maps.to(model_input.device)  # invert where the preprocessing ran
     spatial_ops = getattr(model_input, "applied_operations", [])
     if preprocess is None or (isinstance(model_input, MetaTensor) and not spatial_ops):
         out = maps  # nothing geometric to undo (intensity transforms only)
@@ -176,11 +179,12 @@ def explain_scan(
     """
     if not isinstance(scan, Scan):
         scan = load_scan(scan)
-    image = scan.image
-    model_input = preprocess(image) if preprocess is not None else image
-    batch = torch.as_tensor(model_input)[None]
     if explainer is None:
         explainer = Explainer(model, layers, method, **explainer_kwargs)
+    # preprocessing, CAM and inversion all run on the model's device (no host round trip)
+    image = scan.image.to(model_device(explainer.model, scan.image))
+    model_input = preprocess(image) if preprocess is not None else image
+    batch = torch.as_tensor(model_input)[None]
     cam = explainer(batch, target)
     source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan)
     heatmap, record = normalize_maps(source_maps[None], normalize)

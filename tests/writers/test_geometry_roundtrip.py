@@ -224,3 +224,19 @@ def test_frames_are_written_ascending_along_the_normal(oblique_series):
     np.testing.assert_array_equal(frames, np.transpose(heat, (2, 1, 0)))
     seg_frames = seg.pixel_array.astype(bool)
     np.testing.assert_array_equal(seg_frames, np.transpose(heat >= 0.5, (2, 1, 0)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_scan_to_source_grid_on_cuda_matches_cpu(oblique_series, intensity_cam):
+    import torch
+
+    folder, _, _ = oblique_series
+    cpu = medcam.explain_scan(
+        intensity_cam, folder, preprocess=_preprocess(), target=0, layers="conv"
+    )
+    gpu = medcam.explain_scan(
+        intensity_cam.to("cuda"), folder, preprocess=_preprocess(), target=0, layers="conv"
+    )
+    assert gpu.heatmap.device.type == "cuda"
+    torch.testing.assert_close(gpu.heatmap.cpu(), cpu.heatmap, rtol=1e-4, atol=1e-6)

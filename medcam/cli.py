@@ -178,6 +178,86 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
     _run(work)
 
 
+@main.group()
+def cohort() -> None:
+    """Cohort runs over a manifest, alone or under torchrun / SLURM: sharded, resumable."""
+
+
+@cohort.command("run")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
+              help="CSV: case_id, input[, target, mask].")  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@_model_options
+@click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
+@click.option("--method", default="gradcam", show_default=True)
+@click.option("--target", default="pred", show_default=True, help="Default target per case.")
+@click.option("--format", "formats", default="nifti,png,json", show_default=True,
+              help=FORMATS_HELP)  # fmt: skip
+@click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none")
+@click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
+@click.option("--shard", help="i/N: run shard i of N (default: torchrun / SLURM environment).")
+def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, layers, method,
+               target, formats, normalize, fusion, shard) -> None:  # fmt: skip
+    """Explain every case of MANIFEST this rank owns; skip cases already done."""
+    from tqdm import tqdm
+
+    from medcam.cohort import gather_and_index, read_cohort_manifest, resolve_shard, run_cohort
+    from medcam.runner import cohort_processor, load_model
+
+    def work():
+        cases = read_cohort_manifest(manifest)  # every manifest problem before any work
+        rank, world = resolve_shard(shard)
+        fmt = [f.strip() for f in formats.split(",")]
+        layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                          preprocess=preprocess, device=device)  # fmt: skip
+        process = cohort_processor(spec, layers=layer_arg, method=method, target=target,
+                                   formats=fmt, normalize=normalize, fusion=fusion)  # fmt: skip
+        config = {
+            "model": spec.source, "weights": _file_hash(weights), "bundle": bundle,
+            "preprocess": preprocess, "layers": layer_arg, "method": method, "target": target,
+            "formats": fmt, "normalize": normalize, "fusion": fusion,
+        }  # fmt: skip
+        counts = run_cohort(
+            cases, out, process, config=config, rank=rank, world=world,
+            progress=lambda it: tqdm(it, desc=f"rank {rank}/{world}", position=rank, unit="case"),
+            log=tqdm.write,
+        )  # fmt: skip
+        click.echo(f"rank {rank}/{world}: {counts['done']} done, {counts['skipped']} skipped "
+                   f"(already done), {counts['failed']} failed")  # fmt: skip
+        gather_and_index(out, rank, world)
+
+    _run(work)
+
+
+@cohort.command("status")
+@click.option("--out", required=True, type=click.Path(exists=True, file_okay=False))
+def cohort_status_cmd(out) -> None:
+    """Done / failed / missing counts and a merged index.csv; exit 1 while incomplete."""
+    from medcam.cohort import cohort_status
+
+    def work():
+        status = cohort_status(out)
+        c = status["counts"]
+        click.echo(f"{c['done']} done, {c['failed']} failed, {c['missing']} missing of "
+                   f"{status['total']}; index: {Path(out) / 'index.csv'}")  # fmt: skip
+        for row in status["rows"]:
+            if row["status"] == "failed":
+                click.echo(f"  failed: {row['case_id']}: {row['error']}")
+        if not status["complete"]:
+            sys.exit(1)
+
+    _run(work)
+
+
+def _file_hash(path) -> str | None:
+    if not path:
+        return None
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="cpu", show_default=True)

@@ -17,6 +17,7 @@ from medcam.errors import InputError, MedcamError, ModelError, TargetError
 
 __all__ = [
     "ModelSpec",
+    "cohort_processor",
     "expand_inputs",
     "explain_inputs",
     "load_model",
@@ -262,3 +263,54 @@ def load_timepoints(
         visits.append(Timepoint.from_explanation(ex, date=entry.get("date"), model=spec.network,
                                                  label=entry.get("label", "")))  # fmt: skip
     return visits
+
+
+def cohort_processor(
+    spec: ModelSpec,
+    *,
+    layers: Any = "auto",
+    method: str = "gradcam",
+    target: str = "pred",
+    formats: Sequence[str] = ("nifti", "png", "json"),
+    normalize: str = "none",
+    fusion: str | None = None,
+) -> Callable[[Any, Path], list[Path]]:
+    """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
+    (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
+    ``mask`` (NIfTI on the scan grid), the pointing game and energy inside it are added to the
+    sidecar-style ``quality.json``."""
+    import json
+
+    from medcam.engine.core import Explainer
+    from medcam.io.output import OutputDir
+    from medcam.io.scan import load_scan
+    from medcam.space import explain_scan
+    from medcam.writers.outputs import write_outputs
+
+    explainer = Explainer(spec.network, layers, method, fusion=fusion)
+
+    def process(case: Any, folder: Path) -> list[Path]:
+        scan = load_scan(case.input)
+        ex = explain_scan(spec.network, scan, preprocess=spec.preprocess,
+                          target=parse_target(case.target or target), normalize=normalize,
+                          explainer=explainer)  # fmt: skip
+        written = write_outputs(ex, folder, formats, model=spec.network, case=case.case_id)
+        paths = [p for ps in written.values() for p in ps]
+        if case.mask is not None:
+            from medcam import evaluate
+
+            mask = load_scan(case.mask).image[0].numpy() > 0
+            heat = ex.heatmap[0].detach().cpu().numpy()
+            if mask.shape != heat.shape:
+                raise InputError(f"mask {case.mask} is not on the scan grid {heat.shape}.")
+            quality = {
+                "pointing_game": evaluate.pointing_game(heat, mask),
+                "pointing_game_pm1": evaluate.pointing_game(heat, mask, tolerance=1),
+                "energy_pointing_game": evaluate.energy_pointing_game(heat, mask),
+                "top_iou": evaluate.top_iou(heat, mask),
+            }
+            text = json.dumps(quality, indent=2)
+            paths.append(OutputDir(folder).write_file("quality.json", lambda p: p.write_text(text)))
+        return paths
+
+    return process

@@ -36,3 +36,17 @@ def intensity_cam_3d():
     from tests.conftest import IntensityCAM
 
     return IntensityCAM(spatial_dims=3)
+
+
+def slow_intensity_cam_3d():
+    """IntensityCAM that takes 0.4 s per forward, so a test can kill a worker mid-run."""
+    import time
+
+    from tests.conftest import IntensityCAM
+
+    class Slow(IntensityCAM):
+        def forward(self, x):
+            time.sleep(0.4)
+            return super().forward(x)
+
+    return Slow(spatial_dims=3)

@@ -290,12 +290,13 @@ def to_markdown(report: dict) -> str:
             f"## {model['model']}, input {tuple(model['input_shape'])}, layer "
             f"`{model['layer']}` (feature grid {tuple(model['feature_shape'])})",
             "",
-            "| case | median s | ÷ fwd+bwd | ÷ fwd with graph | peak MB |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| case | median s | volumes/s | ÷ fwd+bwd | ÷ fwd with graph | peak MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in model["rows"]:
             lines.append(
-                f"| {r['case']} | {r['median_s']:.3f} | {r['ratio_to_forward_backward']:.2f} | "
+                f"| {r['case']} | {r['median_s']:.3f} | "
+                f"{model['input_shape'][0] / r['median_s']:.2f} | {r['ratio_to_forward_backward']:.2f} | "
                 f"{r['ratio_to_forward_with_graph']:.2f} | {r['peak_mem_mb']:.0f} |"
             )
         lines += ["", "| summary | value |", "| --- | ---: |"]

@@ -97,7 +97,7 @@ def _children(pid: int) -> list[int]:
 
 def _torchrun(manifest: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_port=29517", "-m", "medcam", "cohort", "run", "--manifest", str(manifest),
+            "--standalone", "-m", "medcam", "cohort", "run", "--manifest", str(manifest),
             "--out", str(out), "--model", "tests.helpers:slow_intensity_cam_3d", "--layer",
             "conv", "--target", "0", "--format", "nifti,json"]  # fmt: skip
 

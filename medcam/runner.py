@@ -143,6 +143,26 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return cases
 
 
+def explain_and_write(
+    spec: ModelSpec,
+    explainer: Any,
+    scan: Any,
+    folder: Path,
+    case: str,
+    target: Any,
+    formats: Sequence[str],
+    normalize: str,
+) -> tuple[Any, list[Path]]:
+    """Explain one loaded scan and write its outputs into ``folder``: (explanation, paths)."""
+    from medcam.space import explain_scan
+    from medcam.writers.outputs import write_outputs
+
+    ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
+                      normalize=normalize, explainer=explainer)  # fmt: skip
+    written = write_outputs(ex, folder, formats, model=spec.network, case=case)
+    return ex, [p for paths in written.values() for p in paths]
+
+
 def explain_inputs(
     spec: ModelSpec,
     inputs: Sequence[str | Path],
@@ -167,8 +187,7 @@ def explain_inputs(
     from medcam.engine.core import Explainer
     from medcam.io.output import OutputDir, safe_name
     from medcam.io.scan import load_scan
-    from medcam.space import explain_scan
-    from medcam.writers.outputs import FORMATS, case_name, write_outputs
+    from medcam.writers.outputs import FORMATS, case_name
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -179,14 +198,10 @@ def explain_inputs(
     records = []
     for path in progress(cases):
         scan = load_scan(path)
-        stem = path.name.split(".")[0]
-        case = safe_name(stem) if name_from_input else case_name(scan)
-        ex = explain_scan(
-            spec.network, scan, preprocess=spec.preprocess, target=target, normalize=normalize,
-            explainer=explainer,
-        )  # fmt: skip
-        written = write_outputs(ex, Path(out) / case, formats, model=spec.network, case=case)
-        files = [str(p) for paths in written.values() for p in paths]
+        case = safe_name(path.name.split(".")[0]) if name_from_input else case_name(scan)
+        _, paths = explain_and_write(spec, explainer, scan, Path(out) / case, case, target,
+                                     formats, normalize)  # fmt: skip
+        files = [str(p) for p in paths]
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
     return records
@@ -284,18 +299,14 @@ def cohort_processor(
     from medcam.engine.core import Explainer
     from medcam.io.output import OutputDir
     from medcam.io.scan import load_scan
-    from medcam.space import explain_scan
-    from medcam.writers.outputs import write_outputs
 
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
 
     def process(case: Any, folder: Path) -> list[Path]:
         scan = load_scan(case.input)
-        ex = explain_scan(spec.network, scan, preprocess=spec.preprocess,
-                          target=parse_target(case.target or target), normalize=normalize,
-                          explainer=explainer)  # fmt: skip
-        written = write_outputs(ex, folder, formats, model=spec.network, case=case.case_id)
-        paths = [p for ps in written.values() for p in ps]
+        case_target = parse_target(case.target or target)
+        ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
+                                      formats, normalize)  # fmt: skip
         if case.mask is not None:
             from medcam import evaluate
 

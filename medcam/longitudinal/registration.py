@@ -75,11 +75,27 @@ class Registration:
         pts = np.atleast_2d(points_lps)
         return np.array([self.transform.TransformPoint([float(v) for v in p]) for p in pts])
 
-    def inverse_points(self, points_lps: np.ndarray) -> np.ndarray:
-        """Follow-up LPS points -> baseline points (exact inverse for rigid/affine)."""
-        inv = self.transform.GetInverse()
-        pts = np.atleast_2d(points_lps)
-        return np.array([inv.TransformPoint([float(v) for v in p]) for p in pts])
+    def inverse_points(self, points_lps: np.ndarray, iterations: int = 50) -> np.ndarray:
+        """Follow-up LPS points -> baseline points.
+
+        Exact for rigid/affine transforms; for a B-spline (no closed-form inverse) a fixed-point
+        iteration ``p <- p + (q - T(p))`` from ``p = q``, which converges for the small, smooth
+        deformations the registration allows.
+        """
+        pts = np.atleast_2d(np.asarray(points_lps, float))
+        try:
+            inv = self.transform.GetInverse()
+        except RuntimeError:
+            inv = None
+        if inv is not None:
+            return np.array([inv.TransformPoint([float(v) for v in p]) for p in pts])
+        out = pts.copy()
+        for _ in range(iterations):
+            step = pts - self.map_points(out)
+            out += step
+            if np.abs(step).max() < 1e-4:
+                break
+        return out
 
 
 MIN_SAMPLES = 40_000

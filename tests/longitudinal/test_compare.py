@@ -177,3 +177,14 @@ def test_nibabel_brain_moved_by_a_known_transform():
     pts = np.argwhere(data > otsu.GetThreshold())[::10] @ aff[:3, :3].T + aff[:3, 3]
     truth = pts @ motion[:3, :3].T + motion[:3, 3]
     assert np.linalg.norm(reg.map_points(pts) - truth, axis=1).mean() < 1.0
+
+
+def test_deformable_is_opt_in_and_runs(visits):
+    result = compare(visits[:2], registration="deformable", threshold=0.5)
+    reg = result.registrations[0]
+    assert reg.kind == "deformable"
+    # the B-spline has no closed-form inverse: the fixed-point inverse must undo map_points
+    pts = VISITS[0][3].world_points_lps()[visits[0].image > -500][::5000]
+    np.testing.assert_allclose(reg.inverse_points(reg.map_points(pts)), pts, atol=1e-2)
+    assert result.rows[1]["centroid_shift_mm"] < 2.0
+    assert abs(result.rows[1]["volume_change_pct"] - 100 * (14**3 - 16**3) / 16**3) <= 2.0

@@ -183,7 +183,7 @@ def test_pydicom_ct5n_roundtrip(intensity_cam, tmp_path):
         target=0,
         layers="conv",
     )
-    assert tuple(np.unravel_index(ex.heatmap[0].argmax(), hu.shape)) == tuple(target)
+    assert tuple(np.unravel_index(int(ex.heatmap[0].argmax()), hu.shape)) == tuple(target)
     written = medcam.write_outputs(ex, tmp_path / "out", ["dicom-pm"])
     img = _dcmqi("paramap2itkimage", written["dicom-pm"][0], tmp_path / "pm")
     truth = scan.affine_lps @ np.append(target, 1.0)

@@ -25,6 +25,16 @@ def _model_options(f):
     return f
 
 
+def _window_options(f):
+    f = click.option("--overlap", type=float, default=0.25, show_default=True,
+                     help="Sliding-window overlap.")(f)  # fmt: skip
+    f = click.option("--sw-batch-size", type=int, default=1, show_default=True,
+                     help="Windows per forward pass.")(f)  # fmt: skip
+    f = click.option("--roi-size", help="Explain in sliding windows of this size, e.g. "
+                     "96,96,96 (fully convolutional networks on large volumes).")(f)  # fmt: skip
+    return f
+
+
 def _run(fn):
     """Call ``fn``; a MedcamError becomes a one-line message and exit status 2."""
     try:
@@ -61,12 +71,14 @@ def main() -> None:
     is_flag=True,
     help="Name outputs after the input (may expose identifiers); default: a hash.",
 )
+@_window_options
 def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
-            formats, normalize, fusion, name_from_input) -> None:  # fmt: skip
+            formats, normalize, fusion, name_from_input, roi_size, sw_batch_size,
+            overlap) -> None:  # fmt: skip
     """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases)."""
     from tqdm import tqdm
 
-    from medcam.runner import explain_inputs, load_model, parse_target
+    from medcam.runner import explain_inputs, load_model, parse_target, parse_window
 
     def work():
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
@@ -75,6 +87,7 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
         explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
                        target=parse_target(target), formats=[f.strip() for f in formats.split(",")],
                        normalize=normalize, fusion=fusion, name_from_input=name_from_input,
+                       window=parse_window(roi_size, sw_batch_size, overlap),
                        progress=lambda it: tqdm(it, desc="cases", unit="case"),
                        log=tqdm.write)  # fmt: skip
 
@@ -196,13 +209,15 @@ def cohort() -> None:
 @click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none")
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
 @click.option("--shard", help="i/N: run shard i of N (default: torchrun / SLURM environment).")
+@_window_options
 def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, layers, method,
-               target, formats, normalize, fusion, shard) -> None:  # fmt: skip
+               target, formats, normalize, fusion, shard, roi_size, sw_batch_size,
+               overlap) -> None:  # fmt: skip
     """Explain every case of MANIFEST this rank owns; skip cases already done."""
     from tqdm import tqdm
 
     from medcam.cohort import gather_and_index, read_cohort_manifest, resolve_shard, run_cohort
-    from medcam.runner import cohort_processor, load_model
+    from medcam.runner import cohort_processor, load_model, parse_window
 
     def work():
         cases = read_cohort_manifest(manifest)  # every manifest problem before any work
@@ -211,12 +226,14 @@ def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, l
         layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
+        window = parse_window(roi_size, sw_batch_size, overlap)
         process = cohort_processor(spec, layers=layer_arg, method=method, target=target,
-                                   formats=fmt, normalize=normalize, fusion=fusion)  # fmt: skip
+                                   formats=fmt, normalize=normalize, fusion=fusion,
+                                   window=window)  # fmt: skip
         config = {
             "model": spec.source, "weights": _file_hash(weights), "bundle": bundle,
             "preprocess": preprocess, "layers": layer_arg, "method": method, "target": target,
-            "formats": fmt, "normalize": normalize, "fusion": fusion,
+            "formats": fmt, "normalize": normalize, "fusion": fusion, "window": window,
         }  # fmt: skip
         counts = run_cohort(
             cases, out, process, config=config, rank=rank, world=world,

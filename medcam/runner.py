@@ -23,6 +23,7 @@ __all__ = [
     "load_model",
     "load_timepoints",
     "parse_target",
+    "parse_window",
     "read_manifest",
 ]
 
@@ -91,6 +92,17 @@ def load_model(
     return ModelSpec(network.to(device).eval(), pre, model)
 
 
+def parse_window(roi_size: str | None, sw_batch_size: int = 1, overlap: float = 0.25):
+    """Sliding-window options from ``--roi-size 96,96,96`` (``None`` without it)."""
+    if not roi_size:
+        return None
+    try:
+        size = [int(v) for v in roi_size.split(",")]
+    except ValueError:
+        raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+    return {"roi_size": size, "sw_batch_size": sw_batch_size, "overlap": overlap}
+
+
 def parse_target(text: str) -> Any:
     """``pred``, ``all``, ``3``, ``1,2`` (several classes) or ``seg:1`` (segmentation class)."""
     from medcam.engine.targets import SegmentationTarget
@@ -152,13 +164,17 @@ def explain_and_write(
     target: Any,
     formats: Sequence[str],
     normalize: str,
+    window: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Path]]:
-    """Explain one loaded scan and write its outputs into ``folder``: (explanation, paths)."""
+    """Explain one loaded scan and write its outputs into ``folder``: (explanation, paths).
+
+    ``window``: sliding-window options for :func:`medcam.explain_scan` (``roi_size``, ...).
+    """
     from medcam.space import explain_scan
     from medcam.writers.outputs import write_outputs
 
     ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
-                      normalize=normalize, explainer=explainer)  # fmt: skip
+                      normalize=normalize, explainer=explainer, **(window or {}))  # fmt: skip
     written = write_outputs(ex, folder, formats, model=spec.network, case=case)
     return ex, [p for paths in written.values() for p in paths]
 
@@ -175,6 +191,7 @@ def explain_inputs(
     normalize: str = "none",
     fusion: str | None = None,
     name_from_input: bool = False,
+    window: dict[str, Any] | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -200,7 +217,7 @@ def explain_inputs(
         scan = load_scan(path)
         case = safe_name(path.name.split(".")[0]) if name_from_input else case_name(scan)
         _, paths = explain_and_write(spec, explainer, scan, Path(out) / case, case, target,
-                                     formats, normalize)  # fmt: skip
+                                     formats, normalize, window)  # fmt: skip
         files = [str(p) for p in paths]
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
@@ -289,6 +306,7 @@ def cohort_processor(
     formats: Sequence[str] = ("nifti", "png", "json"),
     normalize: str = "none",
     fusion: str | None = None,
+    window: dict[str, Any] | None = None,
 ) -> Callable[[Any, Path], list[Path]]:
     """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
     (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
@@ -306,7 +324,7 @@ def cohort_processor(
         scan = load_scan(case.input)
         case_target = parse_target(case.target or target)
         ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
-                                      formats, normalize)  # fmt: skip
+                                      formats, normalize, window)  # fmt: skip
         if case.mask is not None:
             from medcam import evaluate
 

@@ -11,6 +11,7 @@ geometry; intensity transforms are not spatial and are skipped).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,32 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     return out.float()
 
 
+def _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap) -> CAMResult:
+    """The stitched map as a CAMResult whose other fields describe the central window."""
+    from dataclasses import replace
+
+    from medcam.engine.sliding import explain_sliding_window
+
+    stitched = explain_sliding_window(explainer, batch, roi_size, target,
+                                      sw_batch_size=sw_batch_size, overlap=overlap)  # fmt: skip
+    spatial = batch.shape[2:]
+    start = [max(0, (n - r) // 2) for n, r in zip(spatial, roi_size, strict=True)]
+    crop = tuple(slice(s0, s0 + r) for s0, r in zip(start, roi_size, strict=True))
+    window = batch[(slice(None), slice(None), *crop)]
+    pad = [p for w, r in zip(reversed(window.shape[2:]), reversed(roi_size), strict=True)
+           for p in (0, r - w)]  # fmt: skip
+    centre = explainer(torch.nn.functional.pad(window, pad), target)  # padded like MONAI
+    return replace(
+        centre,
+        heatmaps={},
+        fused=stitched,
+        input_shape=tuple(batch.shape),
+        fusion=None,
+        extra={"sliding_window": {"roi_size": list(roi_size), "overlap": overlap,
+                                  "blending": "gaussian"}},
+    )  # fmt: skip
+
+
 def explain_scan(
     model: nn.Module,
     scan: Scan | str | Any,
@@ -151,6 +178,9 @@ def explain_scan(
     method: str = "gradcam",
     normalize: Normalization = "none",
     explainer: Explainer | None = None,
+    roi_size: Sequence[int] | None = None,
+    sw_batch_size: int = 1,
+    overlap: float = 0.25,
     **explainer_kwargs: Any,
 ) -> ScanExplanation:
     """Explain one scan and return heatmaps on its original grid.
@@ -171,6 +201,10 @@ def explain_scan(
         Applied to the maps on the source grid, recorded in the result.
     explainer:
         A configured :class:`medcam.Explainer` to use instead of ``layers``/``method``.
+    roi_size, sw_batch_size, overlap:
+        With ``roi_size``, the model input is explained in sliding windows of that size (MONAI's
+        sliding-window inference, Gaussian blending; for fully convolutional networks larger than
+        their training patch), and ``cam`` describes the central window.
 
     Returns
     -------
@@ -185,7 +219,10 @@ def explain_scan(
     image = scan.image.to(model_device(explainer.model, scan.image))
     model_input = preprocess(image) if preprocess is not None else image
     batch = torch.as_tensor(model_input)[None]
-    cam = explainer(batch, target)
+    if roi_size is None:
+        cam = explainer(batch, target)
+    else:
+        cam = _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap)
     source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan)
     heatmap, record = normalize_maps(source_maps[None], normalize)
     return ScanExplanation(

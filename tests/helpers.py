@@ -50,3 +50,10 @@ def slow_intensity_cam_3d():
             return super().forward(x)
 
     return Slow(spatial_dims=3)
+
+
+def identity_segmenter():
+    """Factory for the sliding-window CLI test: logits [0, x] (see tests/engine/test_sliding)."""
+    from tests.engine.test_sliding import IdentitySegmenter
+
+    return IdentitySegmenter()

@@ -140,3 +140,22 @@ def test_clear_errors(tmp_path, phantom_cases):
                                       "nifti,gif"])  # fmt: skip
     assert bad_format.exit_code == 2 and "gif" in bad_format.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_explain_in_sliding_windows(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.normal(0, 1, (40, 36, 30)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.2, 1.2, 2.0, 1.0])), tmp_path / "big.nii.gz")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(tmp_path / "big.nii.gz"), "--out", str(out), "--model",
+         "tests.helpers:identity_segmenter", "--layer", "conv", "--method", "hirescam",
+         "--target", "seg:1", "--roi-size", "16,16,16", "--sw-batch-size", "4",
+         "--format", "nifti,json", "--name-from-input"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    heat = np.asarray(nib.load(out / "big" / "big_hirescam_class1.nii.gz").dataobj)
+    np.testing.assert_allclose(heat, np.maximum(data, 0), rtol=1e-5, atol=1e-5)
+    record = json.loads((out / "big" / "big.json").read_text())
+    assert record["explanation"]["sliding_window"]["roi_size"] == [16, 16, 16]

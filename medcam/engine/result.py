@@ -85,6 +85,7 @@ class CAMResult:
             "fusion": self.fusion,
             "upsampling": "linear/bilinear/trilinear, align_corners=False",
             "batched_backward": self.batched_backward,
+            **self.extra,
         }
 
     def sample(self, i: int) -> CAMResult:

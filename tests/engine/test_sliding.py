@@ -46,3 +46,24 @@ def test_sliding_window_on_cuda():
     heat = explain_sliding_window(explainer, x, (16, 16, 16), target, sw_batch_size=4)
     assert heat.device.type == "cuda"
     torch.testing.assert_close(heat, torch.relu(x), rtol=1e-5, atol=1e-5)
+
+
+def test_explain_scan_with_sliding_windows(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 1, (40, 36, 30)).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "big.nii.gz")
+    target = medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16))
+    ex = medcam.explain_scan(IdentitySegmenter().eval(), tmp_path / "big.nii.gz", target=target,
+                             layers="conv", method="hirescam", roi_size=(16, 16, 16),
+                             sw_batch_size=4)  # fmt: skip
+    torch.testing.assert_close(ex.heatmap[0], torch.relu(torch.from_numpy(data)), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    meta = ex.metadata()
+    assert meta["sliding_window"]["roi_size"] == [16, 16, 16]
+    assert meta["input_shape"] == [1, 1, 40, 36, 30] and meta["feature_shapes"] == {
+        "conv": [16, 16, 16]
+    }

@@ -39,14 +39,14 @@ def intensity_cam_3d():
 
 
 def slow_intensity_cam_3d():
-    """IntensityCAM that takes 0.4 s per forward, so a test can kill a worker mid-run."""
+    """IntensityCAM that takes 0.6 s per forward, so a test can kill a worker mid-run."""
     import time
 
     from tests.conftest import IntensityCAM
 
     class Slow(IntensityCAM):
         def forward(self, x):
-            time.sleep(0.4)
+            time.sleep(0.6)
             return super().forward(x)
 
     return Slow(spatial_dims=3)

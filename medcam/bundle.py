@@ -193,10 +193,9 @@ class CAMHandler:
         from monai.data import MetaTensor, decollate_batch
 
         from medcam.engine.core import Explainer
-        from medcam.engine.postprocess import normalize_maps
         from medcam.io.output import safe_name
         from medcam.io.scan import load_scan
-        from medcam.space import ScanExplanation, invert_to_source
+        from medcam.space import on_source
         from medcam.writers.outputs import write_outputs
 
         network = engine.network
@@ -219,11 +218,7 @@ class CAMHandler:
             source = image.meta.get("filename_or_obj")
             if not source:
                 raise MedcamError("The image has no filename_or_obj; medcam needs the input file.")
-            scan = load_scan(source)
-            maps = invert_to_source(cam.heatmap[i].detach(), image, preprocess, scan)
-            heat, record = normalize_maps(maps[None], self.normalize)
-            names = [type(t).__name__ for t in preprocess.transforms] if preprocess else []
-            ex = ScanExplanation(scan, heat[0], cam.sample(i), record, names)
+            ex = on_source(load_scan(source), cam.sample(i), image, preprocess, self.normalize)
             case = safe_name(Path(str(source)).name.split(".")[0]) if self.name_from_input else None
             written = write_outputs(ex, self.output_dir, self.formats, model=network, case=case)
             for paths in written.values():

@@ -26,7 +26,7 @@ from medcam.engine.result import CAMResult
 from medcam.errors import MedcamError
 from medcam.io.scan import Scan, load_scan
 
-__all__ = ["ScanExplanation", "explain_scan", "invert_to_source"]
+__all__ = ["ScanExplanation", "explain_scan", "invert_to_source", "on_source"]
 
 
 @dataclass
@@ -142,6 +142,17 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     return out.float()
 
 
+def on_source(
+    scan: Scan, cam: CAMResult, model_input: Any, preprocess: Any, normalize: Normalization
+) -> ScanExplanation:
+    """The explanation of one scan from its (batch-of-one) model-space ``cam``: the maps inverted
+    to the scan grid (:func:`invert_to_source`), then normalised as asked and recorded."""
+    source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan)
+    heatmap, record = normalize_maps(source_maps[None], normalize)
+    names = _names(preprocess) if preprocess is not None else []
+    return ScanExplanation(scan, heatmap[0], cam, record, names)
+
+
 def _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap) -> CAMResult:
     """The stitched map as a CAMResult whose other fields describe the central window."""
     from dataclasses import replace
@@ -223,12 +234,4 @@ def explain_scan(
         cam = explainer(batch, target)
     else:
         cam = _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap)
-    source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan)
-    heatmap, record = normalize_maps(source_maps[None], normalize)
-    return ScanExplanation(
-        scan=scan,
-        heatmap=heatmap[0],
-        cam=cam,
-        normalization=record,
-        preprocessing=_names(preprocess) if preprocess is not None else [],
-    )
+    return on_source(scan, cam, model_input, preprocess, normalize)

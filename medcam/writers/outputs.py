@@ -130,11 +130,9 @@ def write_outputs(
     out = OutputDir(out_dir, scan.input_files)
     stem = safe_name(case) if case is not None else case_name(scan)
     heat = explanation.heatmap.detach().cpu().numpy().astype(np.float32)
-    image = (
-        scan.image.detach().cpu().numpy()[0]
-        if scan.image.shape[0] == 1
-        else (scan.image.detach().cpu().numpy().mean(axis=0))
-    )
+    image = None  # the scan itself, copied to the host only for the pictures that show it
+    if {"png", "dicom-sc"} & set(formats):
+        image = scan.image.detach().cpu().numpy().mean(axis=0)  # channels averaged (RGB -> grey)
     method = explanation.cam.method
     written: dict[str, list[Path]] = {f: [] for f in formats}
     layer_text = "+".join(explanation.cam.layers)

@@ -201,10 +201,10 @@ def register(
 
     if kind not in ("rigid", "affine", "deformable", "none"):
         raise MedcamError(f"Unknown registration {kind!r}; use rigid, affine, deformable or none.")
-    fixed = to_sitk(fixed_array, fixed_affine_lps)
-    moving = to_sitk(moving_array, moving_affine_lps)
     if kind == "none":
         return Registration(sitk.Euler3DTransform(), "none", float("nan"), 0.0, "identity")
+    fixed = to_sitk(fixed_array, fixed_affine_lps)
+    moving = to_sitk(moving_array, moving_affine_lps)
     fmask, mmask = _body_mask(fixed, body_threshold), _body_mask(moving, body_threshold)
     linear = "rigid" if kind == "deformable" else kind
     forward, metric, stop = _register_once(fixed, moving, linear, fmask, mmask, seed, threads)

@@ -166,12 +166,15 @@ def run_cohort(
     """
     root = OutputDir(out)
     digest = config_hash(config)
-    lines = ["case_id,input,target,mask"] + [
-        f"{c.case_id},{c.input},{c.target or ''},{c.mask or ''}"
-        for c in sorted(cases, key=lambda c: c.case_id)
-    ]
-    text = "\n".join(lines) + "\n"
-    root.write_file(MANIFEST_COPY, lambda p: p.write_text(text))
+
+    def write_manifest(path: Path) -> None:  # csv quoting: paths and targets may hold commas
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for c in sorted(cases, key=lambda c: c.case_id):
+                w.writerow([c.case_id, c.input, c.target or "", c.mask or ""])
+
+    root.write_file(MANIFEST_COPY, write_manifest)
     counts = {"done": 0, "skipped": 0, "failed": 0}
     for case in progress(shard_cases(cases, rank, world)):
         folder = root.path / case.case_id

@@ -20,6 +20,7 @@ __all__ = [
     "cohort_processor",
     "expand_inputs",
     "explain_inputs",
+    "input_kind",
     "load_model",
     "load_timepoints",
     "parse_target",
@@ -134,6 +135,17 @@ def _is_dicom_folder(folder: Path) -> bool:
     return False
 
 
+def input_kind(path: str | Path) -> str | None:
+    """The :attr:`medcam.Scan.kind` an input path will load as, when its name tells
+    (``"nifti"``, ``"image-2d"``); ``None`` for DICOM, whose kind needs the files."""
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".png", ".jpg", ".jpeg")):
+        return "image-2d"
+    return None
+
+
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Cases from command-line inputs: a file, a DICOM series folder, or a folder of cases
     (its subfolders and scan files, one level down)."""
@@ -159,23 +171,32 @@ def explain_and_write(
     spec: ModelSpec,
     explainer: Any,
     scan: Any,
-    folder: Path,
+    out: Path | Any,
     case: str,
     target: Any,
     formats: Sequence[str],
     normalize: str,
     window: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Path]]:
-    """Explain one loaded scan and write its outputs into ``folder``: (explanation, paths).
+    """Explain one loaded scan and write its outputs as case folder ``out/<case>/`` (one
+    transaction): (explanation, paths).
 
+    ``out`` is a folder, or the staging :class:`~medcam.io.output.OutputDir` of a case that the
+    caller commits (the cohort adds its status record to the same transaction).
     ``window``: sliding-window options for :func:`medcam.explain_scan` (``roi_size``, ...).
     """
+    from medcam.io.output import OutputDir
     from medcam.space import explain_scan
-    from medcam.writers.outputs import write_outputs
+    from medcam.writers.outputs import write_case, write_outputs
+    from medcam.writers.registry import check_formats
 
+    check_formats(formats, scan)  # before the model runs
     ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
                       normalize=normalize, explainer=explainer, **(window or {}))  # fmt: skip
-    written = write_outputs(ex, folder, formats, model=spec.network, case=case)
+    if isinstance(out, OutputDir):
+        written = write_case(ex, out, formats, stem=case, model=spec.network)
+    else:
+        written = write_outputs(ex, out, formats, model=spec.network, case=case)
     return ex, [p for paths in written.values() for p in paths]
 
 
@@ -204,20 +225,21 @@ def explain_inputs(
     from medcam.engine.core import Explainer
     from medcam.io.output import OutputDir, safe_name
     from medcam.io.scan import load_scan
-    from medcam.writers.outputs import FORMATS, case_name
+    from medcam.writers.outputs import case_name
+    from medcam.writers.registry import check_formats
 
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise MedcamError(f"Unknown format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    check_formats(formats)
     cases = expand_inputs(inputs)
+    for path in cases:  # a DICOM-only format for a NIfTI/picture input: refused before any work
+        check_formats(formats, kind=input_kind(path))
     OutputDir(out)
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
     records = []
     for path in progress(cases):
         scan = load_scan(path)
         case = safe_name(path.name.split(".")[0]) if name_from_input else case_name(scan)
-        _, paths = explain_and_write(spec, explainer, scan, Path(out) / case, case, target,
-                                     formats, normalize, window)  # fmt: skip
+        _, paths = explain_and_write(spec, explainer, scan, Path(out), case, target, formats,
+                                     normalize, window)  # fmt: skip
         files = [str(p) for p in paths]
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
@@ -311,7 +333,8 @@ def cohort_processor(
     """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
     (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
     ``mask`` (NIfTI on the scan grid), the pointing game and energy inside it are added to the
-    sidecar-style ``quality.json``."""
+    sidecar-style ``quality.json``. ``folder`` is the case's staging
+    :class:`~medcam.io.output.OutputDir` (the cohort commits it with its status record)."""
     import json
 
     from medcam.engine.core import Explainer
@@ -320,7 +343,7 @@ def cohort_processor(
 
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
 
-    def process(case: Any, folder: Path) -> list[Path]:
+    def process(case: Any, folder: OutputDir) -> list[Path]:
         scan = load_scan(case.input)
         case_target = parse_target(case.target or target)
         ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
@@ -339,7 +362,8 @@ def cohort_processor(
                 "top_iou": evaluate.top_iou(heat, mask),
             }
             text = json.dumps(quality, indent=2)
-            paths.append(OutputDir(folder).write_file("quality.json", lambda p: p.write_text(text)))
+            written = folder.write_file("quality.json", lambda p: p.write_text(text))
+            paths.append(folder.final_path(written))
         return paths
 
     return process

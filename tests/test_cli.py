@@ -36,26 +36,26 @@ def test_demo(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "class 1" in result.output and "classifier/demo_gradcam_class1_pm.dcm" in result.output
+    assert "class 1" in result.output
+    assert "classifier/classifier_gradcam_class1_pm.dcm" in result.output
     source = medcam.load_scan(out / "inputs" / "dicom")
-    nii = nib.load(out / "classifier" / "demo_gradcam_class1.nii.gz")
+    nii = nib.load(out / "classifier" / "classifier_gradcam_class1.nii.gz")
     assert nii.shape == source.spatial_shape
     np.testing.assert_allclose(nii.affine, source.affine_ras, atol=1e-4)
-    record = json.loads((out / "classifier" / "demo.json").read_text())
+    record = json.loads((out / "classifier" / "classifier.json").read_text())
     assert record["explanation"]["feature_shapes"] == {"class_layers.relu": [6, 6, 6]}
     # the summary line reports distances; both heatmaps peak near the lesion
     from medcam.demo import LESION_OFFSET_MM, demo_geometry
 
     g = demo_geometry()
     lesion = g.affine_lps[:3] @ np.append((np.array(g.shape) - 1) / 2, 1.0) + LESION_OFFSET_MM
-    assert (
-        np.linalg.norm(_peak_lps(out / "classifier" / "demo_gradcam_class1.nii.gz") - lesion) < 20
-    )
-    seg_nii = out / "segmenter" / "demo_layercam_class1.nii.gz"
+    cls_nii = out / "classifier" / "classifier_gradcam_class1.nii.gz"
+    assert np.linalg.norm(_peak_lps(cls_nii) - lesion) < 20
+    seg_nii = out / "segmenter" / "segmenter_layercam_class1.nii.gz"
     assert np.linalg.norm(_peak_lps(seg_nii) - lesion) < 12
-    pm = pydicom.dcmread(out / "classifier" / "demo_gradcam_class1_pm.dcm")
+    pm = pydicom.dcmread(out / "classifier" / "classifier_gradcam_class1_pm.dcm")
     assert pm.Modality == "OT" or pm.SOPClassUID.name == "Parametric Map Storage"
-    assert len(list((out / "classifier" / "demo_gradcam_class1_sc").iterdir())) == g.shape[2]
+    assert len(list((out / "classifier" / "classifier_gradcam_class1_sc").iterdir())) == g.shape[2]
 
 
 def test_explain_with_bundle_on_a_folder_of_cases(tmp_path, phantom_cases):
@@ -139,6 +139,19 @@ def test_clear_errors(tmp_path, phantom_cases):
                                       "--bundle", str(BUNDLES / "classify3d"), "--format",
                                       "nifti,gif"])  # fmt: skip
     assert bad_format.exit_code == 2 and "gif" in bad_format.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_dicom_format_for_nifti_inputs_is_refused_before_the_model_runs(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases  # a folder of NIfTI cases
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(folder), "--out", str(tmp_path / "o"), "--model",
+         "tests.helpers:exploding_model", "--format", "nifti,dicom-seg"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "dicom-seg" in result.output and "'nifti'" in result.output
+    assert "forward ran" not in result.output  # refused before the model ran
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from medcam.writers.dicom_common import (
@@ -11,8 +13,9 @@ from medcam.writers.dicom_common import (
     require_dicom_series,
     sort_frames_along_normal,
 )
+from medcam.writers.registry import CaseOutput, register_format
 
-__all__ = ["build_parametric_map"]
+__all__ = ["build_parametric_map", "write_parametric_maps"]
 
 
 def build_parametric_map(
@@ -73,3 +76,16 @@ def build_parametric_map(
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
     sort_frames_along_normal(pm)
     return pm
+
+
+@register_format("dicom-pm", needs="dicom-series", order=20,
+                 description="DICOM Parametric Map on the source series")  # fmt: skip
+def write_parametric_maps(out: CaseOutput) -> list[Path]:
+    """One float32 Parametric Map ``<base>_pm.dcm`` per map, in the source's study."""
+    paths = []
+    for k, label in enumerate(out.labels):
+        identity = DicomIdentity.new(out.series_number(k, 1))
+        pm = build_parametric_map(out.heat[k], out.scan, method=out.method, label=label,
+                                  identity=identity)  # fmt: skip
+        paths.append(out.folder.write_file(f"{out.base(k)}_pm.dcm", lambda p, d=pm: d.save_as(p)))
+    return paths

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import DicomIdentity
 from medcam.writers.figures import blend_rgb, window
+from medcam.writers.registry import CaseOutput, register_format
 
-__all__ = ["build_secondary_captures"]
+__all__ = ["build_secondary_captures", "write_secondary_captures"]
 
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
 
@@ -90,3 +93,26 @@ def build_secondary_captures(
         sc.ImageComments = f"{method} heatmap ({label}) blended over the source image"[:10240]
         out.append(sc)
     return out
+
+
+@register_format("dicom-sc", needs="dicom", order=40,
+                 description="DICOM Secondary Capture pictures, heatmap burned in")  # fmt: skip
+def write_secondary_captures(out: CaseOutput) -> list[Path]:
+    """One folder ``<base>_sc/`` per map holding one RGB Secondary Capture per source image."""
+    paths = []
+    for k, label in enumerate(out.labels):
+        images = build_secondary_captures(
+            out.image,
+            out.heat[k],
+            out.scan,
+            label=label,
+            method=out.method,
+            series_number=out.series_number(k, 3),
+            alpha=float(out.options.get("alpha", 0.4)),
+        )
+        folder = out.folder.target(f"{out.base(k)}_sc")
+        folder.mkdir()
+        for i, sc in enumerate(images):
+            sc.save_as(folder / f"sc_{i + 1:04d}.dcm")
+        paths.append(folder)
+    return paths

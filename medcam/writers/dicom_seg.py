@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from medcam import __version__
@@ -13,8 +15,9 @@ from medcam.writers.dicom_common import (
     require_dicom_series,
     sort_frames_along_normal,
 )
+from medcam.writers.registry import CaseOutput, register_format
 
-__all__ = ["build_segmentation"]
+__all__ = ["build_segmentation", "write_segmentations"]
 
 
 def build_segmentation(
@@ -82,3 +85,26 @@ def build_segmentation(
     seg.SeriesDescription = f"medcam {method} {label} {kind.lower()}"[:64]
     sort_frames_along_normal(seg)
     return seg
+
+
+@register_format("dicom-seg", needs="dicom-series", order=30,
+                 description="DICOM SEG of the thresholded map on the source series")  # fmt: skip
+def write_segmentations(out: CaseOutput) -> list[Path]:
+    """One SEG ``<base>_seg.dcm`` per map: voxels at or above ``seg_threshold`` x the map's
+    peak (BINARY), or ``map / peak`` (FRACTIONAL with ``fractional_seg``)."""
+    paths = []
+    fraction = float(out.options.get("seg_threshold", 0.5))
+    for k, label in enumerate(out.labels):
+        h = out.heat[k]
+        peak = float(h.max())
+        seg = build_segmentation(
+            h,
+            out.scan,
+            threshold=fraction * peak if peak > 0 else 1.0,
+            label=label,
+            method=out.method,
+            fractional=bool(out.options.get("fractional_seg", False)),
+            identity=DicomIdentity.new(out.series_number(k, 2)),
+        )
+        paths.append(out.folder.write_file(f"{out.base(k)}_seg.dcm", lambda p, d=seg: d.save_as(p)))
+    return paths

@@ -35,18 +35,49 @@ def _window_options(f):
     return f
 
 
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
 def _run(fn):
-    """Call ``fn``; a MedcamError becomes a one-line message and exit status 2."""
+    """Call ``fn``; any failure becomes one line on stderr and a non-zero exit status.
+
+    A :class:`MedcamError` (bad input, configuration, an output that cannot be written) exits
+    with 2; anything else (a bug, or a case medcam does not handle yet) with 1. ``medcam
+    --debug`` (or ``MEDCAM_DEBUG=1``) shows the traceback instead.
+    """
     try:
         return fn()
+    except KeyboardInterrupt:
+        click.echo("medcam: interrupted", err=True)
+        sys.exit(130)
     except MedcamError as err:
+        if _debug():
+            raise
         click.echo(f"medcam: error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:
+        if _debug():
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        click.echo(f"medcam: error: {err.strerror or err}{where}. Check the path, free space "
+                   "and permissions; rerun with --debug for the traceback.", err=True)  # fmt: skip
+        sys.exit(2)
+    except Exception as err:
+        if _debug():
+            raise
+        click.echo(f"medcam: error: unexpected {type(err).__name__}: {err}. This is a bug or a "
+                   "case medcam does not handle yet: rerun with --debug for the traceback and "
+                   "report it.", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medcam-monai")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="MEDCAM_DEBUG",
+              help="Show the full traceback of an error (also MEDCAM_DEBUG=1).")  # fmt: skip
+def main(debug: bool) -> None:
     """Explain 2D/3D medical-imaging CNNs; heatmaps back in the original scan space."""
 
 

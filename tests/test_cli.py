@@ -172,3 +172,18 @@ def test_explain_in_sliding_windows(tmp_path):
     np.testing.assert_allclose(heat, np.maximum(data, 0), rtol=1e-5, atol=1e-5)
     record = json.loads((out / "big" / "big.json").read_text())
     assert record["explanation"]["sliding_window"]["roi_size"] == [16, 16, 16]
+
+
+def test_any_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    args = ["explain", str(folder / "a_lesion.nii.gz"), "--out", str(tmp_path / "o"), "--model",
+            "tests.helpers:exploding_model", "--layer", "conv", "--format", "nifti"]  # fmt: skip
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code in (1, 2)
+    lines = [x for x in plain.output.splitlines() if x and not x.startswith("cases:")]  # progress
+    assert len(lines) == 1 and lines[0].startswith("medcam: error:") and "forward ran" in lines[0]
+    assert "Traceback" not in plain.output
+    debug = CliRunner().invoke(main, ["--debug", *args])
+    assert debug.exit_code != 0 and isinstance(debug.exception, Exception)
+    assert "forward ran" in "".join(__import__("traceback").format_exception(debug.exception))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

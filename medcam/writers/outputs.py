@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from medcam.errors import MedcamError
+from medcam.errors import MedcamError, OutputError
 from medcam.io.output import OutputDir, safe_name
 from medcam.writers.registry import CaseOutput, available_formats, check_formats
 from medcam.writers.sidecar import model_identity
@@ -60,7 +60,17 @@ def write_case(
     out = CaseOutput(explanation, folder, stem, list(formats), model, dict(options))
     out.written = {f: [] for f in formats}
     for fmt in chosen:
-        out.written[fmt.name] = [folder.final_path(p) for p in fmt.write(out)]
+        try:
+            paths = fmt.write(out)
+        except OutputError:
+            raise
+        except OSError as err:  # a full disk, a quota, a vanished folder
+            raise OutputError(
+                f"Writing the {fmt.name} output of case {stem!r} failed: {err.strerror or err}. "
+                "Nothing of this case was written (a previous result of the case is kept); free "
+                "space or choose another output folder, then run it again."
+            ) from err
+        out.written[fmt.name] = [folder.final_path(p) for p in paths]
     return out.written
 
 

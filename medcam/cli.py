@@ -136,13 +136,13 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     import torch
 
     from medcam.engine.layers import list_layers
-    from medcam.runner import load_model
+    from medcam.runner import load_model, parse_size
 
     def work():
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
         if input_size:
-            shape = (in_channels or 1, *[int(v) for v in input_size.split(",")])
+            shape = (in_channels or 1, *parse_size(input_size))
         elif spec.input_shape:
             shape = (in_channels or spec.input_shape[0], *spec.input_shape[1:])
         else:

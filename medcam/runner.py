@@ -23,6 +23,7 @@ __all__ = [
     "input_kind",
     "load_model",
     "load_timepoints",
+    "parse_size",
     "parse_target",
     "parse_window",
     "read_manifest",
@@ -93,6 +94,23 @@ def load_model(
     return ModelSpec(network.to(device).eval(), pre, model)
 
 
+def parse_size(text: str, option: str = "--input-size", example: str = "96,96,96") -> list[int]:
+    """``"96,96,96"`` -> ``[96, 96, 96]``: 2 or 3 positive integers, else a clear error."""
+    try:
+        size = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise MedcamError(
+            f"{option} {text!r} must be 2 or 3 positive integers separated by commas, e.g. "
+            f"{example}."
+        ) from None
+    if not 2 <= len(size) <= 3 or min(size) < 1:
+        raise MedcamError(
+            f"{option} {text!r} must be 2 or 3 positive integers (one per spatial axis), e.g. "
+            f"{example}."
+        )
+    return size
+
+
 def parse_window(roi_size: str | None, sw_batch_size: int = 1, overlap: float = 0.25):
     """Sliding-window options from ``--roi-size 96,96,96`` (``None`` without it)."""
     if not roi_size:
@@ -144,6 +162,37 @@ def input_kind(path: str | Path) -> str | None:
     if name.endswith((".png", ".jpg", ".jpeg")):
         return "image-2d"
     return None
+
+
+def name_from_path(path: str | Path) -> str:
+    """A case name from an input's file or folder name: known scan suffixes dropped
+    (``pat.v1.nii.gz`` -> ``pat.v1``), sanitised."""
+    from medcam.io.output import safe_name
+
+    name = Path(path).name
+    for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return safe_name(name)
+
+
+def unique_case_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """``name_from_path`` for every input, refusing two inputs that would share a case folder
+    (the second would replace the first's outputs)."""
+    names: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for p in paths:
+        name = name_from_path(p)
+        if name in seen:
+            raise InputError(
+                f"{seen[name]} and {p} would both be written to case folder {name!r}. Rename "
+                "one, explain them in separate runs with different --out folders, or drop "
+                "--name-from-input (hash-based names are unique per input content)."
+            )
+        seen[name] = p
+        names[p] = name
+    return names
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
@@ -223,7 +272,7 @@ def explain_inputs(
     first case runs.
     """
     from medcam.engine.core import Explainer
-    from medcam.io.output import OutputDir, safe_name
+    from medcam.io.output import OutputDir
     from medcam.io.scan import load_scan
     from medcam.writers.outputs import case_name
     from medcam.writers.registry import check_formats
@@ -232,12 +281,13 @@ def explain_inputs(
     cases = expand_inputs(inputs)
     for path in cases:  # a DICOM-only format for a NIfTI/picture input: refused before any work
         check_formats(formats, kind=input_kind(path))
+    names = unique_case_names(cases) if name_from_input else {}
     OutputDir(out)
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
     records = []
     for path in progress(cases):
         scan = load_scan(path)
-        case = safe_name(path.name.split(".")[0]) if name_from_input else case_name(scan)
+        case = names[path] if name_from_input else case_name(scan)
         _, paths = explain_and_write(spec, explainer, scan, Path(out), case, target, formats,
                                      normalize, window)  # fmt: skip
         files = [str(p) for p in paths]

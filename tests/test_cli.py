@@ -187,3 +187,41 @@ def test_any_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, phantom
     assert debug.exit_code != 0 and isinstance(debug.exception, Exception)
     assert "forward ran" in "".join(__import__("traceback").format_exception(debug.exception))
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_names_from_inputs_keep_versions_apart_and_refuse_clashes(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    src = folder / "a_lesion.nii.gz"
+    for name in ("pat.v1.nii.gz", "pat.v2.nii.gz", "x/scan.nii.gz", "y/scan.nii.gz"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(src.read_bytes())
+    common = ["--model", "tests.helpers:intensity_cam_3d", "--layer", "conv", "--target", "0",
+              "--format", "nifti,json", "--name-from-input"]  # fmt: skip
+    out = tmp_path / "out"
+    ok = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(tmp_path / "pat.v1.nii.gz"),
+            str(tmp_path / "pat.v2.nii.gz"),
+            "--out",
+            str(out),
+            *common,
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in out.iterdir()) == ["pat.v1", "pat.v2"]
+    clash = CliRunner().invoke(main, ["explain", str(tmp_path / "x" / "scan.nii.gz"),
+                                      str(tmp_path / "y" / "scan.nii.gz"), "--out",
+                                      str(tmp_path / "o2"), *common])  # fmt: skip
+    assert clash.exit_code == 2 and "both be written to case folder 'scan'" in clash.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_layers_input_size_is_checked():
+    for bad in ("32,x", "0,32,32", "32", "1,2,3,4", "-4,8"):
+        result = CliRunner().invoke(
+            main, ["layers", "--model", "tests.helpers:intensity_cam_3d", "--input-size", bad]
+        )
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--input-size" in result.output and "positive integers" in result.output

@@ -8,10 +8,13 @@ from medcam import __version__
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import (
     DicomIdentity,
+    copy_source_geometry,
+    frames_for_source,
     frames_from_volume,
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
+    source_images,
 )
 
 __all__ = ["build_segmentation"]
@@ -38,7 +41,9 @@ def build_segmentation(
         of the thresholded map (Weasis and Slicer show it; OHIF rejects fractional SEGs).
 
     Every frame is written (no empty-frame omission), ordered ascending along the slice normal,
-    so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid.
+    so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid; every frame
+    references its source slice (and frame number, for an Enhanced multi-frame source), with
+    the source's exact orientation and position values, as OHIF's loader matches them.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -52,7 +57,7 @@ def build_segmentation(
         pixels = np.clip(heat / peak, 0.0, 1.0)
     else:
         pixels = (heat >= threshold).astype(np.uint8)
-    frames = frames_from_volume(pixels)
+    frames = frames_for_source(frames_from_volume(pixels), scan)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medcam {method}", family=codes.cid7162.ArtificialIntelligence, version=__version__
     )
@@ -67,7 +72,7 @@ def build_segmentation(
     )
     kind = "FRACTIONAL" if fractional else "BINARY"
     seg = hd.seg.Segmentation(
-        source_images=scan.datasets,
+        source_images=source_images(scan),
         pixel_array=frames,
         segmentation_type=kind,
         segment_descriptions=[segment],
@@ -80,5 +85,6 @@ def build_segmentation(
         **identity.highdicom_kwargs(),
     )
     seg.SeriesDescription = f"medcam {method} {label} {kind.lower()}"[:64]
+    copy_source_geometry(seg, scan)
     sort_frames_along_normal(seg)
     return seg

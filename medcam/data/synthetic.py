@@ -454,8 +454,16 @@ def write_mosaic(
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Mosaic^Test", "MOSAIC", "", "O"
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Mosaic^Test",
+        "MOSAIC",
+        "",
+        "O",
+    )
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = generate_uid(), ""
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"

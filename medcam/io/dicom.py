@@ -339,7 +339,9 @@ def _read_enhanced(ds, path: Path) -> DicomVolume:
         )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{path.name} is a colour multi-frame image; medcam reads greyscale.")
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
     groups = list(ds.PerFrameFunctionalGroupsSequence)
     n = len(groups)
     if n != int(ds.get("NumberOfFrames", n)):

@@ -30,7 +30,10 @@ class Scan:
         the voxel-to-RAS-mm affine (4x4), ``image.meta`` carries ``filename_or_obj``,
         ``original_affine`` and ``spatial_shape`` as MONAI's ``LoadImage`` would.
     kind:
-        ``"nifti"``, ``"dicom-series"``, ``"dicom-2d"``, ``"image-2d"`` or ``"tensor"``.
+        ``"nifti"``, ``"dicom-series"`` (a DICOM volume: a slice series or an Enhanced
+        multi-frame object), ``"dicom-mosaic"`` (a Siemens MOSAIC, unpacked to 3D: a volume, but
+        not one DICOM viewers can overlay a derived object on), ``"dicom-2d"``, ``"image-2d"``
+        or ``"tensor"``.
     source:
         The path that was read (``None`` for tensors).
     datasets:
@@ -81,12 +84,10 @@ class Scan:
         A series gives one dataset per slice; an Enhanced object gives its frame numbers; a
         MOSAIC gives the one image for every slice (its tiles have no identity of their own).
         """
-        if self.kind != "dicom-series":
-            return [(ds, None) for ds in self.datasets]
+        if self.kind == "dicom-mosaic":
+            return [(self.datasets[0], None)] * int(self.spatial_shape[-1])
         if self.source_frames is not None:
             return [(self.datasets[0], f) for f in self.source_frames]
-        if self.dicom_layout == "mosaic":
-            return [(self.datasets[0], None)] * int(self.spatial_shape[-1])
         return [(ds, None) for ds in self.datasets]
 
     @property
@@ -191,7 +192,9 @@ def load_scan(source: str | Path | Any) -> Scan:
 
 
 def _from_dicom(vol, path: Path) -> Scan:
-    kind = "dicom-series" if vol.array.ndim == 3 else "dicom-2d"
+    kind = "dicom-2d" if vol.array.ndim == 2 else "dicom-series"
+    if vol.layout == "mosaic":
+        kind = "dicom-mosaic"
     if vol.affine_lps is None:
         affine_ras = np.eye(4)
     else:

@@ -69,6 +69,12 @@ def require_dicom_series(scan, what: str) -> None:
     reference. A Siemens MOSAIC is refused: viewers show it as tiled 2D images, so a map
     referencing its slices cannot be overlaid anywhere.
     """
+    if scan.kind == "dicom-mosaic":
+        raise MedcamError(
+            f"The source is a Siemens MOSAIC image: DICOM viewers show it as one tiled 2D image, "
+            f"so a {what} referencing its slices cannot be overlaid on it. Write NIfTI (the "
+            "unpacked volume's geometry) and view it over the series converted with dcm2niix."
+        )
     if scan.kind != "dicom-series":
         raise MedcamError(
             f"A {what} is written on a DICOM source series, but this scan is {scan.kind!r}. "
@@ -78,12 +84,6 @@ def require_dicom_series(scan, what: str) -> None:
         raise MedcamError(
             f"The source series has no FrameOfReferenceUID, so a {what} cannot be placed on "
             "it; write a Secondary Capture (dicom-sc) instead."
-        )
-    if getattr(scan, "dicom_layout", "") == "mosaic":
-        raise MedcamError(
-            f"The source is a Siemens MOSAIC image: DICOM viewers show it as one tiled 2D image, "
-            f"so a {what} referencing its slices cannot be overlaid on it. Write NIfTI (the "
-            "unpacked volume's geometry) and view it over the series converted with dcm2niix."
         )
 
 
@@ -119,7 +119,9 @@ def source_images(scan) -> list:
         return list(scan.datasets)
     ds = scan.datasets[0]
     moved = ("PlaneOrientationSequence", "PixelMeasuresSequence")
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
     if shared is not None and all(seq in shared for seq in moved):
         return [ds]
     from pydicom import Dataset
@@ -198,9 +200,7 @@ def copy_source_geometry(ds, scan) -> None:
         frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
         src, frame = planes[(str(ref.ReferencedSOPInstanceUID), frame)]
         position = _item(src, frame, "PlanePositionSequence")
-        group.PlanePositionSequence[0].ImagePositionPatient = _exact(
-            position.ImagePositionPatient
-        )
+        group.PlanePositionSequence[0].ImagePositionPatient = _exact(position.ImagePositionPatient)
 
 
 def sort_frames_along_normal(ds) -> None:

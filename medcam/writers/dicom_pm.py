@@ -6,13 +6,10 @@ import numpy as np
 
 from medcam.writers.dicom_common import (
     DicomIdentity,
-    copy_source_geometry,
-    frames_for_source,
     frames_from_volume,
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
-    source_images,
 )
 
 __all__ = ["build_parametric_map"]
@@ -48,6 +45,8 @@ def build_parametric_map(
     import highdicom as hd
     from pydicom import Dataset
     from pydicom.sr.codedict import codes
+
+    from medcam.writers.dicom_common import copy_source_geometry, frames_for_source, source_images
 
     require_dicom_series(scan, "DICOM Parametric Map")
     frames = frames_for_source(frames_from_volume(np.asarray(heatmap, dtype=np.float32)), scan)

@@ -113,7 +113,7 @@ def build_secondary_captures(
         for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
             kwargs.pop(key)
         spacing = _plane(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
-        if scan.dicom_layout == "mosaic":
+        if scan.kind == "dicom-mosaic":
             spacing = ds.get("PixelSpacing")
         iop = _plane(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
         sc = hd.sc.SCImage.from_ref_dataset(

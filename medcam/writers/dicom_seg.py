@@ -8,13 +8,10 @@ from medcam import __version__
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import (
     DicomIdentity,
-    copy_source_geometry,
-    frames_for_source,
     frames_from_volume,
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
-    source_images,
 )
 
 __all__ = ["build_segmentation"]
@@ -47,6 +44,8 @@ def build_segmentation(
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    from medcam.writers.dicom_common import copy_source_geometry, frames_for_source, source_images
 
     require_dicom_series(scan, "DICOM SEG")
     heat = np.asarray(heatmap, dtype=np.float32)

@@ -32,6 +32,7 @@ def ohif_load(tmp: Path, sources: list[Path], pm: Path | None, segs: list[Path])
         "seg": [str(p) for p in segs],
         "out": str(tmp),
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "request.json").write_text(json.dumps(request))
     done = subprocess.run(
         [node, str(JS / "ohif_load.mjs"), str(tmp / "request.json")],
@@ -122,3 +123,41 @@ def test_adapter_demands_the_source_orientation_exactly(demo_case, tmp_path):
     ds.save_as(tmp_path / "nudged_pm.dcm")
     report = ohif_load(tmp_path, demo_case.sources, tmp_path / "nudged_pm.dcm", [])
     assert not report["pm"]["loaded"] and "oblique" in report["pm"]["error"]
+
+
+@pytest.mark.slow
+def test_real_enhanced_mr_pm_and_seg_validate_and_load_in_ohif(tmp_path):
+    """nibabel's real Philips Enhanced MR (176 frames, oblique, orientation and pixel spacing
+    in every per-frame group): PM and SEG reference its frames, pass dciodvfy, and OHIF puts
+    each frame on the right slice."""
+    import gzip
+
+    import nibabel as nib
+
+    import medcam
+    from medcam.writers.dicom_common import DicomIdentity
+    from medcam.writers.dicom_pm import build_parametric_map
+    from medcam.writers.dicom_seg import build_segmentation
+    from tests.writers.conftest import Case, _fractional
+    from tests.writers.test_conformance import assert_valid
+
+    source = tmp_path / "philips_mprage.dcm"
+    data = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    source.write_bytes(gzip.open(data).read())
+    scan = medcam.load_scan(source)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in scan.spatial_shape], indexing="ij"), -1)
+    heat = np.clip(1 - np.linalg.norm(idx - (90, 150, 60), axis=-1) / 25, 0, 1).astype(np.float32)
+    pm = build_parametric_map(
+        heat, scan, method="gradcam", label="c1", identity=DicomIdentity.new(1)
+    )
+    pm.save_as(tmp_path / "pm.dcm")
+    seg = build_segmentation(
+        heat, scan, threshold=0.5, label="c1", method="gradcam", identity=DicomIdentity.new(2)
+    )
+    seg.save_as(tmp_path / "seg.dcm")
+    case = Case([source], scan, heat, tmp_path / "pm.dcm", tmp_path / "seg.dcm", 0.5,
+                _fractional(scan, heat, tmp_path / "fractional.dcm"))  # fmt: skip
+    # the phantom's names are in the retired single-component form; copied as they are
+    assert_valid([case.pm, case.seg, case.seg_fractional], ("Retired Person Name form",))
+    report = ohif_load(tmp_path / "ohif", case.sources, case.pm, [case.seg, case.seg_fractional])
+    check_geometry(report, case)

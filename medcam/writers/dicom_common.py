@@ -196,9 +196,14 @@ def copy_source_geometry(ds, scan) -> None:
     if measures is not None and "PixelSpacing" in measures:
         shared.PixelMeasuresSequence[0].PixelSpacing = _exact(measures.PixelSpacing)
     for group in ds.PerFrameFunctionalGroupsSequence:
+        if "DerivationImageSequence" not in group or "PlanePositionSequence" not in group:
+            continue  # no per-frame source reference: keep highdicom's position
         ref = group.DerivationImageSequence[0].SourceImageSequence[0]
         frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
-        src, frame = planes[(str(ref.ReferencedSOPInstanceUID), frame)]
+        key = (str(ref.ReferencedSOPInstanceUID), frame)
+        if key not in planes:
+            continue
+        src, frame = planes[key]
         position = _item(src, frame, "PlanePositionSequence")
         group.PlanePositionSequence[0].ImagePositionPatient = _exact(position.ImagePositionPatient)
 

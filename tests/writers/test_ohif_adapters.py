@@ -108,24 +108,28 @@ def test_enhanced_source_pm_and_seg_load_in_ohif_on_the_right_frames(enhanced_ca
 def test_adapter_demands_the_source_orientation_exactly(demo_case, tmp_path):
     """Why medcam copies the source's orientation strings: the PM loader of
     @cornerstonejs/adapters 5.14 passes no tolerance, so a map whose ImageOrientationPatient
-    differs by 1e-14 (what re-formatting the decimal strings does) is refused as oblique."""
+    differs by 1e-14 (what re-formatting the decimal strings does) is refused as oblique; the
+    SEG loader takes a tolerance and loads such a SEG."""
     from pydicom.valuerep import format_number_as_ds
 
-    ds = pydicom.dcmread(demo_case.pm)
-    plane = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-    plane.ImageOrientationPatient = [
-        format_number_as_ds(float(v) + (1e-14 if abs(float(v)) > 0.5 else 0.0))
-        for v in plane.ImageOrientationPatient
-    ]
-    assert [float(v) for v in plane.ImageOrientationPatient] != [
-        float(v) for v in pydicom.dcmread(demo_case.sources[0]).ImageOrientationPatient
-    ]
-    ds.save_as(tmp_path / "nudged_pm.dcm")
-    report = ohif_load(tmp_path, demo_case.sources, tmp_path / "nudged_pm.dcm", [])
+    source_iop = [float(v) for v in pydicom.dcmread(demo_case.sources[0]).ImageOrientationPatient]
+    nudged = []
+    for obj in (demo_case.pm, demo_case.seg):
+        ds = pydicom.dcmread(obj)
+        plane = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+        plane.ImageOrientationPatient = [
+            format_number_as_ds(v + (1e-14 if abs(v) > 0.5 else 0.0)) for v in source_iop
+        ]
+        assert [float(v) for v in plane.ImageOrientationPatient] != source_iop
+        nudged.append(tmp_path / f"nudged_{obj.name}")
+        ds.save_as(nudged[-1])
+    report = ohif_load(tmp_path, demo_case.sources, nudged[0], [nudged[1]])
     assert not report["pm"]["loaded"] and "oblique" in report["pm"]["error"]
+    assert report["seg"][0]["loaded"]
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person")
 def test_real_enhanced_mr_pm_and_seg_validate_and_load_in_ohif(tmp_path):
     """nibabel's real Philips Enhanced MR (176 frames, oblique, orientation and pixel spacing
     in every per-frame group): PM and SEG reference its frames, pass dciodvfy, and OHIF puts

@@ -155,6 +155,7 @@ def write_dicom_series(
     instance_numbers: Sequence[int] | None = None,
     rescale: tuple[float, float] = (1.0, -1024.0),
     body_part: str | None = "ABDOMEN",
+    laterality: str | None = None,
 ) -> SeriesInfo:
     """Write ``volume_hu (X, Y, Z)`` as a single-frame CT/MR image series, one file per slice.
 
@@ -170,6 +171,9 @@ def write_dicom_series(
         (RescaleSlope, RescaleIntercept) of the stored int16 values.
     body_part:
         BodyPartExamined (``None`` leaves it out).
+    laterality:
+        General Series Laterality (``"L"``/``"R"``); by default empty (unknown) for a paired
+        or unnamed body part and absent for an unpaired one, as DICOM requires.
 
     The files pass ``dciodvfy`` (dicom3tools) without errors: decimal strings are formatted to
     at most 16 characters (ImageOrientationPatient is written with 16 significant characters,
@@ -181,6 +185,8 @@ def write_dicom_series(
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from pydicom.valuerep import format_number_as_ds as ds_str
+
+    from medcam.io.dicom import series_laterality
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,10 +223,12 @@ def write_dicom_series(
         ds.Modality, ds.SeriesNumber = modality, 1
         ds.SeriesDescription = series_description
         ds.PatientPosition = "HFS"
-        if body_part:  # an unpaired part: Laterality (type 2C) must then be absent
+        if body_part:
             ds.BodyPartExamined = body_part
-        else:
-            ds.Laterality = ""  # type 2C: present, empty (unknown)
+        if laterality is not None:
+            ds.Laterality = laterality
+        elif series_laterality(ds) is not None:  # type 2C: absent for an unpaired part
+            ds.Laterality = ""  # unknown
         ds.Manufacturer = "medcam synthetic"
         ds.InstanceNumber = int(instance_numbers[k]) if instance_numbers is not None else k + 1
         ds.AcquisitionNumber = 1

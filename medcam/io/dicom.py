@@ -51,6 +51,28 @@ ENHANCED_VOLUME_SOP_CLASSES = {
 }
 
 
+#: BodyPartExamined defined terms (PS3.16 Annex L) of unpaired parts, as dciodvfy applies them:
+#: for these, General Series Laterality (type 2C) must be absent; for a paired or unknown part
+#: it must be present (empty = unknown).
+UNPAIRED_BODY_PARTS = frozenset(
+    """ABDOMEN ABDOMENPELVIS AORTA BLADDER BRAIN CHEST CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS
+    COCCYX COLON CORONARYARTERY CSPINE CTSPINE DUODENUM ESOPHAGUS GALLBLADDER HEAD HEADNECK HEART
+    ILEUM ILIUM JAW JEJUNUM LARYNX LIVER LSPINE LSSPINE MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST
+    NECKCHESTABDOMEN NECKCHESTABDPELV NOSE PANCREAS PELVIS PENIS PHARYNX PROSTATE RECTUM SKULL
+    SPINE SPLEEN SSPINE STERNUM STOMACH THYMUS THYROID TLSPINE TONGUE TRACHEA TSPINE UTERUS
+    VAGINA VULVA WHOLEBODY""".split()
+)
+
+
+def series_laterality(ds) -> str | None:
+    """General Series Laterality for a series made from ``ds``: the source's own; else empty
+    (unknown) unless its BodyPartExamined is an unpaired part (``None``: leave it out)."""
+    if "Laterality" in ds:
+        return str(ds.Laterality or "")
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    return None if part in UNPAIRED_BODY_PARTS else ""
+
+
 @dataclass
 class DicomVolume:
     """Pixel data in modality units (HU for CT) and geometry of a DICOM image or volume.

@@ -84,6 +84,8 @@ def build_secondary_captures(
     import highdicom as hd
     from pydicom.uid import generate_uid
 
+    from medcam.io.dicom import series_laterality
+
     if not scan.datasets:
         raise MedcamError(
             "A DICOM Secondary Capture needs a DICOM source (it joins the source's study); "
@@ -135,11 +137,10 @@ def build_secondary_captures(
         sc.SourceImageSequence = [_source_reference(ds, frame)]
         if "BodyPartExamined" in ds:
             sc.BodyPartExamined = ds.BodyPartExamined
-        # General Series Laterality is type 2C: copied when the source has it; present and
-        # empty (unknown) when the source names no body part; absent for an unpaired one
-        if "Laterality" in ds:
-            sc.Laterality = ds.Laterality
-        elif not ds.get("BodyPartExamined"):
-            sc.Laterality = ""
+        # General Series Laterality is type 2C: copied when the source has it; else present
+        # and empty (unknown), or absent when the body part is an unpaired one
+        laterality = series_laterality(ds)
+        if laterality is not None:
+            sc.Laterality = laterality
         out.append(sc)
     return out

@@ -176,3 +176,26 @@ def test_mosaic_source_refuses_parametric_map_and_seg(tmp_path):
             label="c",
             identity=DicomIdentity.new(1),
         )
+
+
+@pytest.mark.parametrize(
+    ("body_part", "laterality", "expected"),
+    [("BREAST", "L", "L"), ("KNEE", None, ""), ("HEAD", None, None), (None, None, "")],
+)
+def test_secondary_capture_laterality_follows_the_body_part(tmp_path, body_part, laterality,
+                                                            expected):  # fmt: skip
+    """General Series Laterality (type 2C): the source's value; else empty (unknown) for a
+    paired or unnamed body part; absent for an unpaired one. Source and capture both valid."""
+    from medcam.data.synthetic import write_dicom_series
+    from medcam.writers.dicom_sc import build_secondary_captures
+
+    g = Geometry((8, 6, 2), (1.0, 1.0, 2.0))
+    info = write_dicom_series(np.zeros(g.shape, np.float32), g, tmp_path / "src",
+                              body_part=body_part, laterality=laterality)  # fmt: skip
+    scan = medcam.load_scan(tmp_path / "src")
+    image = scan.image[0].numpy()
+    sc = build_secondary_captures(image, image, scan, label="c", method="gradcam",
+                                  series_number=9)[0]  # fmt: skip
+    sc.save_as(tmp_path / "sc.dcm")
+    assert sc.get("Laterality") == expected
+    assert_valid([info.files[0], tmp_path / "sc.dcm"])

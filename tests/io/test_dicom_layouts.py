@@ -97,6 +97,7 @@ def test_enhanced_ct_in_shuffled_frame_order_equals_its_series(tmp_path):
     np.testing.assert_allclose(enhanced.affine_lps, g.affine_lps, atol=1e-5)
     assert [frame_order[f - 1] for f in enhanced.source_frames] == list(range(g.shape[2]))
     assert enhanced.input_files == [path]
+    assert medcam.load_scan(tmp_path).dicom_layout == "enhanced"  # its folder: the one object
 
 
 def test_philips_enhanced_mr_geometry_matches_simpleitk_and_nibabel(tmp_path):

@@ -115,8 +115,6 @@ def build_secondary_captures(
         for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
             kwargs.pop(key)
         spacing = _plane(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
-        if scan.kind == "dicom-mosaic":
-            spacing = ds.get("PixelSpacing")
         iop = _plane(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ds,
@@ -130,10 +128,9 @@ def build_secondary_captures(
         )
         sc.BurnedInAnnotation = "YES"
         sc.SeriesDescription = f"medcam {method} {label} overlay"[:64]
-        sc.ImageComments = f"{method} heatmap ({label}) blended over the source image"[:10240]
-        sc.DerivationDescription = f"medcam {method} heatmap ({label}) blended over the image"[
-            :1024
-        ]
+        what = f"{method} heatmap ({label}) blended over the source image"
+        sc.ImageComments = what
+        sc.DerivationDescription = f"medcam {what}"[:1024]
         sc.SourceImageSequence = [_source_reference(ds, frame)]
         if "BodyPartExamined" in ds:
             sc.BodyPartExamined = ds.BodyPartExamined

@@ -41,10 +41,14 @@ def build_segmentation(
         of the thresholded map (Weasis and Slicer show it; OHIF rejects fractional SEGs).
 
     Every frame is written (no empty-frame omission), ordered ascending along the slice normal,
-    so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid.
+    so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid; every frame
+    references its source slice (and frame number, for an Enhanced multi-frame source), with
+    the source's exact orientation and position values, as OHIF's loader matches them.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    from medcam.writers.dicom_common import copy_source_geometry, frames_for_source, source_images
 
     require_dicom_series(scan, "DICOM SEG")
     heat = np.asarray(heatmap, dtype=np.float32)
@@ -55,7 +59,7 @@ def build_segmentation(
         pixels = np.clip(heat / peak, 0.0, 1.0)
     else:
         pixels = (heat >= threshold).astype(np.uint8)
-    frames = frames_from_volume(pixels)
+    frames = frames_for_source(frames_from_volume(pixels), scan)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medcam {method}", family=codes.cid7162.ArtificialIntelligence, version=__version__
     )
@@ -70,7 +74,7 @@ def build_segmentation(
     )
     kind = "FRACTIONAL" if fractional else "BINARY"
     seg = hd.seg.Segmentation(
-        source_images=scan.datasets,
+        source_images=source_images(scan),
         pixel_array=frames,
         segmentation_type=kind,
         segment_descriptions=[segment],
@@ -83,6 +87,7 @@ def build_segmentation(
         **identity.highdicom_kwargs(),
     )
     seg.SeriesDescription = f"medcam {method} {label} {kind.lower()}"[:64]
+    copy_source_geometry(seg, scan)
     sort_frames_along_normal(seg)
     return seg
 

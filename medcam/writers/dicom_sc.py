@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medcam.errors import MedcamError
-from medcam.writers.dicom_common import DicomIdentity
+from medcam.writers.dicom_common import DicomIdentity, derived_uid, uid_seed_for
 from medcam.writers.figures import blend_rgb, window
 from medcam.writers.registry import CaseOutput, register_format
 
@@ -42,12 +42,15 @@ def build_secondary_captures(
     method: str,
     series_number: int,
     alpha: float = 0.4,
+    uid_seed: str | None = None,
 ) -> list:
     """One RGB Secondary Capture per source image, heatmap blended over the image.
 
     ``image`` and ``heatmap`` are ``(X, Y)`` or ``(X, Y, Z)`` on the source grid. All images share
     one new series in the source's study; ``BurnedInAnnotation`` is YES. This is the DICOM output
     every viewer shows, and the only one for 2D radiographs without a frame of reference.
+    With ``uid_seed``, the series and instance UIDs derive from it (the same seed gives the same
+    UIDs, so a retried store keeps one copy); by default they are new.
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -69,11 +72,12 @@ def build_secondary_captures(
     else:
         gray = window(img)
     vmax = float(heat.max())
-    series_uid = generate_uid()
+    series_uid = derived_uid(uid_seed, "series") if uid_seed is not None else generate_uid()
     out = []
     for k, ds in enumerate(scan.datasets):
         rgb = blend_rgb(gray[:, :, k].T, heat[:, :, k].T, vmax, alpha)
-        identity = DicomIdentity(series_uid, generate_uid(), series_number, k + 1)
+        sop_uid = derived_uid(uid_seed, "instance", str(k)) if uid_seed is not None else None
+        identity = DicomIdentity(series_uid, sop_uid or generate_uid(), series_number, k + 1)
         kwargs = identity.highdicom_kwargs()
         for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
             kwargs.pop(key)
@@ -109,6 +113,7 @@ def write_secondary_captures(out: CaseOutput) -> list[Path]:
             method=out.method,
             series_number=out.series_number(k, 3),
             alpha=float(out.options.get("alpha", 0.4)),
+            uid_seed=uid_seed_for(out.options, "dicom-sc", k),
         )
         folder = out.folder.target(f"{out.base(k)}_sc")
         folder.mkdir()

@@ -96,8 +96,10 @@ class Journal:
         """After a restart: jobs that were running go back to the queue. Returns how many."""
         with self._lock:
             rows = self._exec("SELECT key FROM jobs WHERE state = ?", (RUNNING,))
-            self._exec("UPDATE jobs SET state = ?, updated = ? WHERE state = ?",
-                       (QUEUED, time.time(), RUNNING))  # fmt: skip
+            self._exec(
+                "UPDATE jobs SET state = ?, updated = ? WHERE state = ?",
+                (QUEUED, time.time(), RUNNING),
+            )
         return len(rows)
 
     def receiving_job(self, study_uid: str, series_uid: str, max_active: int) -> str | None:
@@ -105,8 +107,9 @@ class Journal:
         ``max_active`` series are already waiting or running (refuse the instance)."""
         now = time.time()
         with self._lock:
-            rows = self._exec("SELECT key FROM jobs WHERE series_uid = ? AND state = ?",
-                              (series_uid, RECEIVING))  # fmt: skip
+            rows = self._exec(
+                "SELECT key FROM jobs WHERE series_uid = ? AND state = ?", (series_uid, RECEIVING)
+            )
             if rows:
                 return str(rows[0]["key"])
             active = self._exec(f"SELECT COUNT(*) AS n FROM jobs WHERE state IN {ACTIVE}")
@@ -114,22 +117,28 @@ class Journal:
                 return None
             digest = hashlib.sha256(series_uid.encode()).hexdigest()[:12]
             key = f"{digest}-{uuid.uuid4().hex[:8]}"
-            self._exec("INSERT INTO jobs (key, study_uid, series_uid, state, first_at, last_at, "
-                       "updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (key, study_uid, series_uid, RECEIVING, now, now, now))  # fmt: skip
+            self._exec(
+                "INSERT INTO jobs (key, study_uid, series_uid, state, first_at, last_at, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, study_uid, series_uid, RECEIVING, now, now, now),
+            )
             return key
 
     def received(self, key: str) -> None:
         now = time.time()
-        self._exec("UPDATE jobs SET instances = instances + 1, last_at = ?, updated = ? "
-                   "WHERE key = ?", (now, now, key))  # fmt: skip
+        self._exec(
+            "UPDATE jobs SET instances = instances + 1, last_at = ?, updated = ? WHERE key = ?",
+            (now, now, key),
+        )
 
     def complete_quiet(self, quiet_period: float) -> list[str]:
         """Mark series with no instance for ``quiet_period`` seconds complete (queued)."""
         now = time.time()
         with self._lock:
-            rows = self._exec("SELECT key FROM jobs WHERE state = ? AND last_at <= ?",
-                              (RECEIVING, now - quiet_period))  # fmt: skip
+            rows = self._exec(
+                "SELECT key FROM jobs WHERE state = ? AND last_at <= ?",
+                (RECEIVING, now - quiet_period),
+            )
             for row in rows:
                 self.set(row["key"], state=QUEUED)
         return [str(r["key"]) for r in rows]
@@ -250,8 +259,10 @@ class Listener:
 
         key = self.journal.receiving_job(study, series, self.max_series)
         if key is None:
-            self.log(f"refused an instance of series ...{series[-12:]}: {self.max_series} "
-                     "series already waiting (sender will retry)")  # fmt: skip
+            self.log(
+                f"refused an instance of series ...{series[-12:]}: {self.max_series} "
+                "series already waiting (sender will retry)"
+            )
             return OUT_OF_RESOURCES
         folder = self.inbox / key
         folder.mkdir(exist_ok=True)
@@ -286,17 +297,21 @@ class Listener:
         if self.allowed_callers:
             ae.require_calling_aet = self.allowed_callers
         try:
-            self._server = ae.start_server((self.host, self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])  # fmt: skip
+            self._server = ae.start_server(
+                (self.host, self.port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            )
         except OSError as err:
-            raise MedcamError(f"Cannot listen on {self.host}:{self.port}: {err.strerror or err}. "
-                              "Choose a free port (--port).") from err  # fmt: skip
+            raise MedcamError(
+                f"Cannot listen on {self.host}:{self.port}: {err.strerror or err}. "
+                "Choose a free port (--port)."
+            ) from err
         self._stop.clear()
         self._threads = [threading.Thread(target=self._loop, name="medcam-worker", daemon=True)]
         for t in self._threads:
             t.start()
-        self.log(f"listening as {self.ae_title} on {self.host}:{self.port}; state in "
-                 f"{self.state}")  # fmt: skip
+        self.log(f"listening as {self.ae_title} on {self.host}:{self.port}; state in {self.state}")
 
     def stop(self) -> None:
         """Stop listening and let the job at hand finish; what is left stays in the journal."""
@@ -339,8 +354,10 @@ class Listener:
     def _loop(self) -> None:
         while not self._stop.is_set():
             for key in self.journal.complete_quiet(self.quiet_period):
-                self.log(f"series ...{self.journal.get(key)['series_uid'][-12:]} complete "
-                         f"({self.journal.get(key)['instances']} instances), queued")  # fmt: skip
+                self.log(
+                    f"series ...{self.journal.get(key)['series_uid'][-12:]} complete "
+                    f"({self.journal.get(key)['instances']} instances), queued"
+                )
             job = self.journal.next_job()
             if job is None:
                 self._wake.wait(min(0.5, self.quiet_period / 4))
@@ -371,8 +388,10 @@ class Listener:
         earlier = self.journal.delivered_digest(digest) if digest else None
         if earlier is not None:
             self.journal.set(key, state=DUPLICATE, digest=digest, error=f"same as job {earlier}")
-            self.log(f"{label}: the same instances were explained and delivered before "
-                     f"(job {earlier}); nothing sent again")  # fmt: skip
+            self.log(
+                f"{label}: the same instances were explained and delivered before "
+                f"(job {earlier}); nothing sent again"
+            )
             self._cleanup(key, None)
             return False
         self.journal.set(key, state=RUNNING, digest=digest)
@@ -386,17 +405,25 @@ class Listener:
             self.log(f"{label}: cannot be explained: {err}")
             return False
         outputs = {f: [str(p) for p in paths] for f, paths in written.outputs.items()}
-        self.journal.set(key, state=EXPLAINED, case_name=case, next_try=0,
-                         outputs=json.dumps({"study": written.study_uid, "outputs": outputs}))  # fmt: skip
+        self.journal.set(
+            key,
+            state=EXPLAINED,
+            case_name=case,
+            next_try=0,
+            outputs=json.dumps({"study": written.study_uid, "outputs": outputs}),
+        )
         self.log(f"{label}: explained")
         return True
 
     def _deliver(self, job, label: str) -> None:
         key = str(job["key"])
         record = json.loads(job["outputs"])
-        case = WrittenCase(str(job["case_name"]), self.outbox / str(job["case_name"]),
-                           {f: [Path(p) for p in v] for f, v in record["outputs"].items()},
-                           record["study"])  # fmt: skip
+        case = WrittenCase(
+            str(job["case_name"]),
+            self.outbox / str(job["case_name"]),
+            {f: [Path(p) for p in v] for f, v in record["outputs"].items()},
+            record["study"],
+        )
         try:
             stored = self.pipeline.deliver(case)
         except PacsError as err:
@@ -406,8 +433,9 @@ class Listener:
                 self.log(f"{label}: delivery failed {attempts} times, giving up: {err}")
                 return
             delay = min(300.0, self.retry_delay * 2 ** (attempts - 1))
-            self.journal.set(key, attempts=attempts, next_try=time.time() + delay,
-                             error=str(err)[:2000])  # fmt: skip
+            self.journal.set(
+                key, attempts=attempts, next_try=time.time() + delay, error=str(err)[:2000]
+            )
             self.log(f"{label}: delivery attempt {attempts} failed, retry in {delay:.0f} s: {err}")
             return
         self.journal.set(key, state=DONE, attempts=int(job["attempts"]) + 1, error=None)

@@ -114,8 +114,9 @@ def parse_endpoint(text: str) -> DicomWebEndpoint | DimseEndpoint:
                 f"{text!r} must look like dimse://AE_TITLE@host:port (the peer's AE title, "
                 "host and DICOM port), e.g. dimse://ORTHANC@127.0.0.1:4242."
             )
-        return DimseEndpoint(check_ae_title(parts.username, "The peer's AE title"),
-                             parts.hostname, port)  # fmt: skip
+        return DimseEndpoint(
+            check_ae_title(parts.username, "The peer's AE title"), parts.hostname, port
+        )
     raise PacsError(
         f"{text!r} is not a DICOM server address; use dicomweb+http(s)://host:port/prefix or "
         "dimse://AE_TITLE@host:port."
@@ -157,12 +158,17 @@ def _credentials(env: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, str
 
 
 def dicomweb_client(
-    endpoint: DicomWebEndpoint, *, timeout: float = 60.0, env: Mapping[str, str] | None = None
+    endpoint: DicomWebEndpoint,
+    *,
+    timeout: float = 60.0,
+    attempts: int = 3,
+    env: Mapping[str, str] | None = None,
 ):
     """A ``dicomweb_client.DICOMwebClient`` for ``endpoint`` with the environment's credentials.
 
     ``timeout`` (seconds) bounds every request, so a server that stops answering gives an error
-    instead of a hung job.
+    instead of a hung job; a request that cannot connect or gets 429/503/504 is tried
+    ``attempts`` times (waits of 1, 2, 4 ... s) before the error.
     """
     import requests
     from dicomweb_client import DICOMwebClient
@@ -172,7 +178,9 @@ def dicomweb_client(
     if basic is not None:
         session.auth = basic
     session.headers.update(headers)
-    return DICOMwebClient(endpoint.url, session=session, timeout=timeout)
+    client = DICOMwebClient(endpoint.url, session=session, timeout=timeout)
+    client.set_http_retry_params(max_attempts=max(1, attempts), wait_exponential_multiplier=500)
+    return client
 
 
 @contextlib.contextmanager
@@ -203,10 +211,13 @@ def http_errors(endpoint: DicomWebEndpoint, what: str) -> Iterator[None]:
                 "read and store."
             ) from err
         if code == 404:
-            raise PacsError(f"{endpoint}: not found (HTTP 404) while {what}. Check the URL "
-                            "prefix (e.g. /dicom-web) and the UIDs.") from err  # fmt: skip
-        raise PacsError(f"The DICOMweb server {endpoint} answered HTTP {code} while {what}."
-                        ) from err  # fmt: skip
+            raise PacsError(
+                f"{endpoint}: not found (HTTP 404) while {what}. Check the URL "
+                "prefix (e.g. /dicom-web) and the UIDs."
+            ) from err
+        raise PacsError(
+            f"The DICOMweb server {endpoint} answered HTTP {code} while {what}."
+        ) from err
     except requests.exceptions.RequestException as err:
         raise PacsError(f"DICOMweb request to {endpoint} failed while {what}: {err}") from err
 
@@ -237,9 +248,13 @@ def associate(
             ae.add_requested_context(abstract, list(syntaxes))
         else:
             ae.add_requested_context(abstract)
-    assoc = ae.associate(endpoint.host, endpoint.port, ae_title=endpoint.ae_title,
-                         ext_neg=list(ext_neg or []) or None,
-                         evt_handlers=list(handlers or []) or None)  # fmt: skip
+    assoc = ae.associate(
+        endpoint.host,
+        endpoint.port,
+        ae_title=endpoint.ae_title,
+        ext_neg=list(ext_neg or []) or None,
+        evt_handlers=list(handlers or []) or None,
+    )
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:

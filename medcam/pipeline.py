@@ -53,8 +53,12 @@ def result_seed(scan: Any, model_sha256: str, settings: ExplainSettings) -> str:
     from medcam import __version__
 
     sources = sorted(str(ds.SOPInstanceUID) for ds in scan.datasets if "SOPInstanceUID" in ds)
-    record = {"sources": sources or [scan.sha256], "model": model_sha256,
-              "settings": settings.record(), "medcam": __version__}  # fmt: skip
+    record = {
+        "sources": sources or [scan.sha256],
+        "model": model_sha256,
+        "settings": settings.record(),
+        "medcam": __version__,
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -92,8 +96,9 @@ class Pipeline:
 
         check_formats(settings.formats)
         self.spec, self.settings, self.sinks, self.log = spec, settings, list(sinks), log
-        self.explainer = Explainer(spec.network, settings.layers, settings.method,
-                                   fusion=settings.fusion)  # fmt: skip
+        self.explainer = Explainer(
+            spec.network, settings.layers, settings.method, fusion=settings.fusion
+        )
         self.model_sha256 = model_identity(spec.network)["state_dict_sha256"]
 
     def check(self) -> None:
@@ -112,9 +117,15 @@ class Pipeline:
         scan = load_scan(path)
         check_formats(s.formats, scan)  # before the model runs
         try:
-            ex = explain_scan(self.spec.network, scan, preprocess=self.spec.preprocess,
-                              target=s.target, normalize=s.normalize, explainer=self.explainer,
-                              **(s.window or {}))  # fmt: skip
+            ex = explain_scan(
+                self.spec.network,
+                scan,
+                preprocess=self.spec.preprocess,
+                target=s.target,
+                normalize=s.normalize,
+                explainer=self.explainer,
+                **(s.window or {}),
+            )
         except MedcamError:
             raise
         except Exception as err:  # the model or its preprocessing cannot take this scan
@@ -123,10 +134,18 @@ class Pipeline:
                 f"{scan.spatial_shape}: {type(err).__name__}: {err}"
             ) from err
         seed = result_seed(scan, self.model_sha256, s)
-        written = write_outputs(ex, outbox, s.formats, model=self.spec.network, case=case,
-                                seg_threshold=s.seg_threshold, fractional_seg=s.fractional_seg,
-                                alpha=s.alpha, series_number_base=s.series_number_base,
-                                uid_seed=seed)  # fmt: skip
+        written = write_outputs(
+            ex,
+            outbox,
+            s.formats,
+            model=self.spec.network,
+            case=case,
+            seg_threshold=s.seg_threshold,
+            fractional_seg=s.fractional_seg,
+            alpha=s.alpha,
+            series_number_base=s.series_number_base,
+            uid_seed=seed,
+        )
         study = str(scan.datasets[0].get("StudyInstanceUID", "")) if scan.datasets else ""
         return WrittenCase(case, Path(outbox) / case, written, study)
 
@@ -141,8 +160,10 @@ class Pipeline:
             written = self.explain(path, outbox, case)
         stored = self.deliver(written)
         if self.sinks:
-            self.log(f"{ref.label}: {stored} result instances stored to "
-                     f"{', '.join(s.address for s in self.sinks)}")  # fmt: skip
+            self.log(
+                f"{ref.label}: {stored} result instances stored to "
+                f"{', '.join(s.address for s in self.sinks)}"
+            )
         return written
 
 
@@ -169,13 +190,18 @@ def explain_study(
     source.check()
     pipeline.check()
     chosen, skipped = series_filter.select(source.series(study_uid))
-    records = [{"series": ref.series_uid, "case": None, "status": "skipped", "detail": why,
-                "outputs": []} for ref, why in skipped]  # fmt: skip
+    records = [
+        {"series": ref.series_uid, "case": None, "status": "skipped", "detail": why, "outputs": []}
+        for ref, why in skipped
+    ]
     for ref, why in skipped:
         pipeline.log(f"skip {ref.label}: {why}")
     if not chosen:
-        raise InputError(f"No series of study {study_uid} to explain (" +
-                         "; ".join(f"{r.label}: {w}" for r, w in skipped) + ").")  # fmt: skip
+        raise InputError(
+            f"No series of study {study_uid} to explain ("
+            + "; ".join(f"{r.label}: {w}" for r, w in skipped)
+            + ")."
+        )
     with tempfile.TemporaryDirectory(prefix="medcam-out-") as tmp:
         outbox = Path(out) if out is not None else Path(tmp)
         done = 0
@@ -189,14 +215,30 @@ def explain_study(
                 if series_filter.series_uids:
                     raise
                 pipeline.log(f"skip {ref.label}: the model cannot take it: {err}")
-                records.append({"series": ref.series_uid, "case": case, "status": "skipped",
-                                "detail": str(err), "outputs": []})  # fmt: skip
+                records.append(
+                    {
+                        "series": ref.series_uid,
+                        "case": case,
+                        "status": "skipped",
+                        "detail": str(err),
+                        "outputs": [],
+                    }
+                )
                 continue
             done += 1
             files = [str(p) for paths in written.outputs.values() for p in paths]
-            records.append({"series": ref.series_uid, "case": case, "status": "done",
-                            "detail": "", "outputs": files if out is not None else []})  # fmt: skip
+            records.append(
+                {
+                    "series": ref.series_uid,
+                    "case": case,
+                    "status": "done",
+                    "detail": "",
+                    "outputs": files if out is not None else [],
+                }
+            )
         if not done:
-            raise InputError(f"No series of study {study_uid} could be explained: " + "; ".join(
-                f"...{r['series'][-12:]}: {r['detail']}" for r in records))  # fmt: skip
+            raise InputError(
+                f"No series of study {study_uid} could be explained: "
+                + "; ".join(f"...{r['series'][-12:]}: {r['detail']}" for r in records)
+            )
     return records

@@ -109,6 +109,8 @@ def open_sink(address: str | Path, **options: Any) -> Sink:
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", text)
     scheme = match.group(1).lower() if match else "folder"
     if scheme not in _SINKS:
-        raise MedcamError(f"Unknown destination {text!r}; use a folder, dicomweb+http(s)://... "
-                          "or dimse://AET@host:port.")  # fmt: skip
+        raise MedcamError(
+            f"Unknown destination {text!r}; use a folder, dicomweb+http(s)://... "
+            "or dimse://AET@host:port."
+        )
     return _SINKS[scheme](text, **options)

@@ -26,8 +26,13 @@ class CStoreSink(Sink):
     def check(self) -> None:
         from pynetdicom.sop_class import Verification
 
-        assoc = associate(self.endpoint, self.calling_ae, [(Verification, None)],
-                          what="checking the connection (C-ECHO)", timeout=self.timeout)  # fmt: skip
+        assoc = associate(
+            self.endpoint,
+            self.calling_ae,
+            [(Verification, None)],
+            what="checking the connection (C-ECHO)",
+            timeout=self.timeout,
+        )
         try:
             check_status(assoc.send_c_echo(), self.endpoint, "C-ECHO")
         finally:
@@ -45,24 +50,29 @@ class CStoreSink(Sink):
             contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(
                 str(meta.TransferSyntaxUID)
             )
-        assoc = associate(self.endpoint, self.calling_ae,
-                          [(c, sorted(ts)) for c, ts in contexts.items()],
-                          what=f"storing the results of case {case.name} (C-STORE)",
-                          timeout=self.timeout)  # fmt: skip
+        assoc = associate(
+            self.endpoint,
+            self.calling_ae,
+            [(c, sorted(ts)) for c, ts in contexts.items()],
+            what=f"storing the results of case {case.name} (C-STORE)",
+            timeout=self.timeout,
+        )
         stored = 0
         try:
             for p in files:
                 what = f"storing result {stored + 1} of {len(files)} of case {case.name} (C-STORE)"
                 try:
-                    status = self._store(assoc, p)
-                except (RuntimeError, ValueError) as err:  # e.g. no accepted context
-                    raise PacsError(f"{self.endpoint} cannot take {p.name}: {err}") from err
-                try:
+                    status = self._store(assoc, p) if assoc.is_established else None
                     check_status(status, self.endpoint, what)
-                except PacsError as err:
-                    raise PacsError(f"{err} {stored} of {len(files)} results were stored before "
-                                    "that; retry to store the rest (the same UIDs are sent "
-                                    "again, so nothing is stored twice).") from err  # fmt: skip
+                except (RuntimeError, ValueError, PacsError) as err:
+                    reason = str(err)
+                    if not isinstance(err, PacsError):  # e.g. no accepted presentation context
+                        reason = f"{self.endpoint} cannot take {p.name}: {err}."
+                    raise PacsError(
+                        f"{reason} {stored} of {len(files)} results were stored before that; "
+                        "retry to store the rest (the same UIDs are sent again, so nothing is "
+                        "stored twice)."
+                    ) from err
                 stored += 1
         finally:
             if assoc.is_established:

@@ -34,4 +34,6 @@ class FolderSink(Sink):
 
 @register_sink("folder", "file")
 def open_folder(address: str, **_: Any) -> FolderSink:
-    return FolderSink(address[len("file://") :] if address.lower().startswith("file://") else address)
+    return FolderSink(
+        address[len("file://") :] if address.lower().startswith("file://") else address
+    )

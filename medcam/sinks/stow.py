@@ -19,13 +19,15 @@ class StowSink(Sink):
     stored, none failed); the case counts as delivered only when every series is.
     """
 
-    def __init__(self, address: str, *, timeout: float = 120.0, env: Any = None) -> None:
+    def __init__(
+        self, address: str, *, timeout: float = 120.0, attempts: int = 3, env: Any = None
+    ) -> None:
         endpoint = parse_endpoint(address)
         if not isinstance(endpoint, DicomWebEndpoint):
             raise PacsError(f"{address!r} is not a DICOMweb address.")
         self.endpoint = endpoint
         self.address = str(endpoint)
-        self.client = dicomweb_client(endpoint, timeout=timeout, env=env)
+        self.client = dicomweb_client(endpoint, timeout=timeout, attempts=attempts, env=env)
 
     def check(self) -> None:
         with http_errors(self.endpoint, "checking the connection (QIDO-RS)"):
@@ -38,9 +40,11 @@ class StowSink(Sink):
             try:
                 stored += self._store_series(files, case.study_uid)
             except PacsError as err:
-                raise PacsError(f"{err} Stored {n} of the {len(groups)} result series of case "
-                                f"{case.name} before that; retry to store the rest (the same "
-                                "UIDs are sent again, so nothing is stored twice).") from err  # fmt: skip
+                raise PacsError(
+                    f"{err} Stored {n} of the {len(groups)} result series of case "
+                    f"{case.name} before that; retry to store the rest (the same "
+                    "UIDs are sent again, so nothing is stored twice)."
+                ) from err
         return stored
 
     def _store_series(self, files: list[Path], study_uid: str) -> int:
@@ -50,8 +54,10 @@ class StowSink(Sink):
         with http_errors(self.endpoint, "storing results (STOW-RS)"):
             answer = self.client.store_instances(datasets, study_instance_uid=study_uid or None)
         failed = list(answer.get("FailedSOPSequence", []) or [])
-        done = {str(item.ReferencedSOPInstanceUID)
-                for item in answer.get("ReferencedSOPSequence", []) or []}  # fmt: skip
+        done = {
+            str(item.ReferencedSOPInstanceUID)
+            for item in answer.get("ReferencedSOPSequence", []) or []
+        }
         missing = [ds.SOPInstanceUID for ds in datasets if ds.SOPInstanceUID not in done]
         if failed or missing:
             reasons = {hex(int(item.get("FailureReason", 0))) for item in failed}
@@ -67,4 +73,6 @@ class StowSink(Sink):
 
 @register_sink("dicomweb+http", "dicomweb+https")
 def open_stow(address: str, **options: Any) -> StowSink:
-    return StowSink(address, **{k: v for k, v in options.items() if k in ("timeout", "env")})
+    return StowSink(
+        address, **{k: v for k, v in options.items() if k in ("timeout", "attempts", "env")}
+    )

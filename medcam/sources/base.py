@@ -35,9 +35,26 @@ __all__ = [
 # Series that hold no images to explain (structured reports, presentation states, key objects,
 # segmentations, RT objects, documents, raw data): skipped unless asked for by UID.
 NON_IMAGE_MODALITIES = frozenset(
-    {"SR", "PR", "KO", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "REG", "RWV",
-     "PLAN", "FID", "AU", "ECG", "HD", "RAW"}
-)  # fmt: skip
+    {
+        "SR",
+        "PR",
+        "KO",
+        "SEG",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTDOSE",
+        "RTRECORD",
+        "DOC",
+        "REG",
+        "RWV",
+        "PLAN",
+        "FID",
+        "AU",
+        "ECG",
+        "HD",
+        "RAW",
+    }
+)
 DERIVED_BY = "medcam"  # Manufacturer of medcam's own results: never explained again
 
 
@@ -203,6 +220,8 @@ def open_source(address: str | Path, **options: Any) -> Source:
     _load_builtins()
     scheme = scheme_of(address)
     if scheme not in _SOURCES:
-        raise MedcamError(f"Unknown source {str(address)!r}; use a path, dicomweb+http(s)://... "
-                          "or dimse://AET@host:port.")  # fmt: skip
+        raise MedcamError(
+            f"Unknown source {str(address)!r}; use a path, dicomweb+http(s)://... "
+            "or dimse://AET@host:port."
+        )
     return _SOURCES[scheme](str(address), **options)

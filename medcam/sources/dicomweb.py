@@ -29,13 +29,15 @@ class DicomWebSource(Source):
         Seconds for each HTTP request.
     """
 
-    def __init__(self, address: str, *, timeout: float = 60.0, env: Any = None) -> None:
+    def __init__(
+        self, address: str, *, timeout: float = 60.0, attempts: int = 3, env: Any = None
+    ) -> None:
         endpoint = parse_endpoint(address)
         if not isinstance(endpoint, DicomWebEndpoint):
             raise PacsError(f"{address!r} is not a DICOMweb address.")
         self.endpoint = endpoint
         self.address = str(endpoint)
-        self.client = dicomweb_client(endpoint, timeout=timeout, env=env)
+        self.client = dicomweb_client(endpoint, timeout=timeout, attempts=attempts, env=env)
 
     def check(self) -> None:
         with http_errors(self.endpoint, "checking the connection (QIDO-RS)"):
@@ -53,14 +55,16 @@ class DicomWebSource(Source):
         refs = []
         for row in rows:
             count = _value(row, "00201209", None)
-            refs.append(SeriesRef(
-                study_uid=study_uid,
-                series_uid=str(_value(row, "0020000E")),
-                modality=str(_value(row, "00080060")),
-                description=str(_value(row, "0008103E")),
-                instances=int(count) if count not in (None, "") else None,
-                manufacturer=str(_value(row, "00080070")),
-            ))  # fmt: skip
+            refs.append(
+                SeriesRef(
+                    study_uid=study_uid,
+                    series_uid=str(_value(row, "0020000E")),
+                    modality=str(_value(row, "00080060")),
+                    description=str(_value(row, "0008103E")),
+                    instances=int(count) if count not in (None, "") else None,
+                    manufacturer=str(_value(row, "00080070")),
+                )
+            )
         return refs
 
     def fetch(self, ref: SeriesRef, folder: Path) -> Path:
@@ -70,8 +74,10 @@ class DicomWebSource(Source):
 
         def retrieve(media_types):
             n = 0
-            for n, ds in enumerate(self.client.iter_series(  # noqa: B007
-                    ref.study_uid, ref.series_uid, media_types=media_types), start=1):  # fmt: skip
+            for n, ds in enumerate(
+                self.client.iter_series(ref.study_uid, ref.series_uid, media_types=media_types),
+                start=1,
+            ):
                 ds.save_as(folder / f"{n:05d}.dcm", enforce_file_format=True)
             return n
 
@@ -85,8 +91,10 @@ class DicomWebSource(Source):
                     p.unlink()
                 count = retrieve((("application/dicom", "*"),))  # as stored
         if ref.instances is not None and count < ref.instances:
-            raise PacsError(f"{self.endpoint} gave {count} of the {ref.instances} instances of "
-                            f"{ref.label}; retry once the series is complete.")  # fmt: skip
+            raise PacsError(
+                f"{self.endpoint} gave {count} of the {ref.instances} instances of "
+                f"{ref.label}; retry once the series is complete."
+            )
         return folder
 
     def close(self) -> None:
@@ -95,4 +103,6 @@ class DicomWebSource(Source):
 
 @register_source("dicomweb+http", "dicomweb+https")
 def open_dicomweb(address: str, **options: Any) -> DicomWebSource:
-    return DicomWebSource(address, **{k: v for k, v in options.items() if k in ("timeout", "env")})
+    return DicomWebSource(
+        address, **{k: v for k, v in options.items() if k in ("timeout", "attempts", "env")}
+    )

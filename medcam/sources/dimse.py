@@ -22,17 +22,30 @@ __all__ = ["IMAGE_STORAGE_CLASSES", "DimseSource", "received_file_name"]
 # Image storage SOP classes medcam asks for on a C-GET (a request holds at most 128 presentation
 # contexts, so not every storage class fits).
 IMAGE_STORAGE_CLASSES = (
-    "CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage",
-    "MRImageStorage", "EnhancedMRImageStorage", "LegacyConvertedEnhancedMRImageStorage",
-    "PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
-    "LegacyConvertedEnhancedPETImageStorage", "NuclearMedicineImageStorage",
-    "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
-    "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
-    "DigitalMammographyXRayImageStorageForProcessing", "BreastTomosynthesisImageStorage",
-    "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage", "XRayAngiographicImageStorage",
-    "XRayRadiofluoroscopicImageStorage", "XRay3DAngiographicImageStorage", "RTImageStorage",
+    "CTImageStorage",
+    "EnhancedCTImageStorage",
+    "LegacyConvertedEnhancedCTImageStorage",
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "LegacyConvertedEnhancedMRImageStorage",
+    "PositronEmissionTomographyImageStorage",
+    "EnhancedPETImageStorage",
+    "LegacyConvertedEnhancedPETImageStorage",
+    "NuclearMedicineImageStorage",
+    "ComputedRadiographyImageStorage",
+    "DigitalXRayImageStorageForPresentation",
+    "DigitalXRayImageStorageForProcessing",
+    "DigitalMammographyXRayImageStorageForPresentation",
+    "DigitalMammographyXRayImageStorageForProcessing",
+    "BreastTomosynthesisImageStorage",
+    "UltrasoundImageStorage",
+    "UltrasoundMultiFrameImageStorage",
+    "XRayAngiographicImageStorage",
+    "XRayRadiofluoroscopicImageStorage",
+    "XRay3DAngiographicImageStorage",
+    "RTImageStorage",
     "SecondaryCaptureImageStorage",
-)  # fmt: skip
+)
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
 
@@ -90,8 +103,9 @@ class DimseSource(Source):
         self.address = str(endpoint)
 
     def _associate(self, contexts, what: str, **kwargs):
-        return associate(self.endpoint, self.calling_ae, contexts, what=what,
-                         timeout=self.timeout, **kwargs)  # fmt: skip
+        return associate(
+            self.endpoint, self.calling_ae, contexts, what=what, timeout=self.timeout, **kwargs
+        )
 
     def check(self) -> None:
         from pynetdicom.sop_class import Verification
@@ -111,8 +125,13 @@ class DimseSource(Source):
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
         query.StudyInstanceUID = study_uid
-        for keyword in ("SeriesInstanceUID", "Modality", "SeriesDescription", "Manufacturer",
-                        "NumberOfSeriesRelatedInstances"):  # fmt: skip
+        for keyword in (
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesDescription",
+            "Manufacturer",
+            "NumberOfSeriesRelatedInstances",
+        ):
             setattr(query, keyword, "")
         what = "searching the study's series (C-FIND)"
         assoc = self._associate([(Find, None)], what)
@@ -123,14 +142,16 @@ class DimseSource(Source):
                 if ident is None or "SeriesInstanceUID" not in ident:
                     continue
                 count = ident.get("NumberOfSeriesRelatedInstances")
-                refs.append(SeriesRef(
-                    study_uid=study_uid,
-                    series_uid=str(ident.SeriesInstanceUID),
-                    modality=str(ident.get("Modality", "") or ""),
-                    description=str(ident.get("SeriesDescription", "") or ""),
-                    instances=int(count) if count not in (None, "") else None,
-                    manufacturer=str(ident.get("Manufacturer", "") or ""),
-                ))  # fmt: skip
+                refs.append(
+                    SeriesRef(
+                        study_uid=study_uid,
+                        series_uid=str(ident.SeriesInstanceUID),
+                        modality=str(ident.get("Modality", "") or ""),
+                        description=str(ident.get("SeriesDescription", "") or ""),
+                        instances=int(count) if count not in (None, "") else None,
+                        manufacturer=str(ident.get("Manufacturer", "") or ""),
+                    )
+                )
         finally:
             assoc.release()
         if not refs:
@@ -170,8 +191,10 @@ class DimseSource(Source):
                 f"{self.calling_ae!r}, then retry."
             )
         if ref.instances is not None and len(received) < ref.instances:
-            raise PacsError(f"{self.endpoint} sent {len(received)} of {ref.instances} instances "
-                            f"of {ref.label}; retry once the series is complete.")  # fmt: skip
+            raise PacsError(
+                f"{self.endpoint} sent {len(received)} of {ref.instances} instances "
+                f"of {ref.label}; retry once the series is complete."
+            )
         return folder
 
     def _get(self, ref: SeriesRef, on_store):
@@ -181,10 +204,11 @@ class DimseSource(Source):
         classes = _storage_classes()
         what = f"fetching {ref.label} (C-GET)"
         assoc = self._associate(
-            [(Get, None), *[(c, None) for c in classes]], what,
+            [(Get, None), *[(c, None) for c in classes]],
+            what,
             ext_neg=[build_role(c, scp_role=True) for c in classes],
             handlers=[(evt.EVT_C_STORE, on_store)],
-        )  # fmt: skip
+        )
         try:
             final = None
             for status, _ in assoc.send_c_get(self._query(ref), Get):
@@ -202,8 +226,11 @@ class DimseSource(Source):
         scp = AE(ae_title=self.calling_ae)
         scp.supported_contexts = AllStoragePresentationContexts
         try:
-            server = scp.start_server(("0.0.0.0", int(self.move_port)), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+            server = scp.start_server(
+                ("0.0.0.0", int(self.move_port)),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, on_store)],
+            )
         except OSError as err:
             raise PacsError(f"Cannot listen on port {self.move_port} for C-MOVE: {err}") from err
         try:

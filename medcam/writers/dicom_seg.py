@@ -105,8 +105,9 @@ def write_segmentations(out: CaseOutput) -> list[Path]:
             label=label,
             method=out.method,
             fractional=bool(out.options.get("fractional_seg", False)),
-            identity=DicomIdentity.new(out.series_number(k, 2),
-                                       seed=uid_seed_for(out.options, "dicom-seg", k)),
+            identity=DicomIdentity.new(
+                out.series_number(k, 2), seed=uid_seed_for(out.options, "dicom-seg", k)
+            ),
         )
         paths.append(out.folder.write_file(f"{out.base(k)}_seg.dcm", lambda p, d=seg: d.save_as(p)))
     return paths

@@ -77,7 +77,7 @@ class Orthanc:
     def start(self) -> None:
         import requests
 
-        log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.root / "orthanc.log", "ab")
         self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 30
@@ -107,8 +107,9 @@ class Orthanc:
     def rest(self, method: str, path: str, **kwargs):
         import requests
 
-        r = requests.request(method, f"{self.http}{path}", auth=(USER, PASSWORD), timeout=60,
-                             **kwargs)  # fmt: skip
+        r = requests.request(
+            method, f"{self.http}{path}", auth=(USER, PASSWORD), timeout=60, **kwargs
+        )
         r.raise_for_status()
         return r.json() if r.content and "json" in r.headers.get("content-type", "") else r
 
@@ -117,8 +118,9 @@ class Orthanc:
             self.rest("POST", "/instances", data=Path(f).read_bytes())
 
     def add_modality(self, name: str, aet: str, port: int) -> None:
-        self.rest("PUT", f"/modalities/{name}", json={"AET": aet, "Host": "127.0.0.1",
-                                                      "Port": port})  # fmt: skip
+        self.rest(
+            "PUT", f"/modalities/{name}", json={"AET": aet, "Host": "127.0.0.1", "Port": port}
+        )
 
     def study_id(self, study_uid: str) -> str:
         found = self.rest("POST", "/tools/lookup", data=study_uid)
@@ -206,13 +208,19 @@ def make_study(folder: Path, *, scout: bool = True):
     from medcam.data.synthetic import Geometry, write_dicom_series
 
     g = demo_geometry_small()
-    ct = write_dicom_series(ct_phantom(g, LESION_LPS), g, folder / "ct",
-                            series_description="CT abdomen")  # fmt: skip
+    ct = write_dicom_series(
+        ct_phantom(g, LESION_LPS), g, folder / "ct", series_description="CT abdomen"
+    )
     scout_info = None
     if scout:
         g2 = Geometry((64, 64, 1), (3.0, 3.0, 5.0))
-        scout_info = write_dicom_series(ct_phantom(g2, None), g2, folder / "scout",
-                                        study_uid=ct.study_uid, series_description="scout")  # fmt: skip
+        scout_info = write_dicom_series(
+            ct_phantom(g2, None),
+            g2,
+            folder / "scout",
+            study_uid=ct.study_uid,
+            series_description="scout",
+        )
     return ct, scout_info
 
 
@@ -226,10 +234,13 @@ def demo_spec():
 
 
 DEMO_MODEL_ARGS = [
-    "--model", "medcam.data.demo:demo_classifier",
-    "--weights", str(Path(__file__).parent.parent / "medcam/data/weights/demo_classifier.pt"),
-    "--preprocess", "medcam.data.demo:demo_preprocess",
-]  # fmt: skip
+    "--model",
+    "medcam.data.demo:demo_classifier",
+    "--weights",
+    str(Path(__file__).parent.parent / "medcam/data/weights/demo_classifier.pt"),
+    "--preprocess",
+    "medcam.data.demo:demo_preprocess",
+]
 
 
 def _ipp(item) -> tuple:
@@ -244,8 +255,10 @@ def assert_results_in_study(server: Orthanc, ct, heat: np.ndarray | None = None)
     import pydicom
 
     source = [pydicom.dcmread(f) for f in ct.files]
-    position_of = {ds.SOPInstanceUID: tuple(round(float(v), 3) for v in ds.ImagePositionPatient)
-                   for ds in source}  # fmt: skip
+    position_of = {
+        ds.SOPInstanceUID: tuple(round(float(v), 3) for v in ds.ImagePositionPatient)
+        for ds in source
+    }
     iop0 = np.array([float(v) for v in source[0].ImageOrientationPatient])
     normal = np.cross(iop0[:3], iop0[3:])
     ordered = sorted(position_of.values(), key=lambda p: float(np.dot(p, normal)))
@@ -256,8 +269,11 @@ def assert_results_in_study(server: Orthanc, ct, heat: np.ndarray | None = None)
         if uid == ct.series_uid or first.get("Manufacturer") != "medcam":
             continue
         results.setdefault(first.SOPClassUID.name, []).append(instances)
-    assert sorted(results) == ["Parametric Map Storage", "Secondary Capture Image Storage",
-                               "Segmentation Storage"], sorted(results)  # fmt: skip
+    assert sorted(results) == [
+        "Parametric Map Storage",
+        "Secondary Capture Image Storage",
+        "Segmentation Storage",
+    ], sorted(results)
     assert all(len(v) == 1 for v in results.values()), "a result series is stored twice"
     pm = results["Parametric Map Storage"][0]
     seg = results["Segmentation Storage"][0]
@@ -273,9 +289,11 @@ def assert_results_in_study(server: Orthanc, ct, heat: np.ndarray | None = None)
         assert int(ds.NumberOfFrames) == len(source)
         iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
         # equal to DS precision (the synthetic source writes more than DS's 16 characters)
-        np.testing.assert_allclose([float(v) for v in iop.ImageOrientationPatient],
-                                   [float(v) for v in source[0].ImageOrientationPatient],
-                                   atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            [float(v) for v in iop.ImageOrientationPatient],
+            [float(v) for v in source[0].ImageOrientationPatient],
+            atol=1e-12,
+        )
         frames = ds.PerFrameFunctionalGroupsSequence
         assert {_ipp(f) for f in frames} == set(position_of.values())
         for f in frames:  # each frame references the source slice at its own position

@@ -27,8 +27,9 @@ def written_case(tmp_path_factory):
     """A case folder written by the pipeline (no sinks): PM, SEG, SC and JSON of a demo CT."""
     tmp = tmp_path_factory.mktemp("case")
     ct, _ = make_study(tmp, scout=False)
-    pipeline = Pipeline(demo_spec(), ExplainSettings(formats=["dicom-pm", "dicom-seg",
-                                                              "dicom-sc", "json"]))  # fmt: skip
+    pipeline = Pipeline(
+        demo_spec(), ExplainSettings(formats=["dicom-pm", "dicom-seg", "dicom-sc", "json"])
+    )
     return ct, pipeline.explain(ct.folder, tmp / "out", "case-a")
 
 
@@ -63,17 +64,23 @@ def test_folder_sink_is_a_transaction(written_case, tmp_path):
 def test_same_result_same_uids(written_case, tmp_path):
     """The pipeline's results carry UIDs derived from sources + model + settings."""
     ct, case = written_case
-    pipeline = Pipeline(demo_spec(), ExplainSettings(formats=["dicom-pm", "dicom-seg",
-                                                              "dicom-sc", "json"]))  # fmt: skip
+    pipeline = Pipeline(
+        demo_spec(), ExplainSettings(formats=["dicom-pm", "dicom-seg", "dicom-sc", "json"])
+    )
     again = pipeline.explain(ct.folder, tmp_path, "case-b")
 
     def uids(c: WrittenCase):
-        return sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                      for g in c.dicom_series() for p in g)  # fmt: skip
+        return sorted(
+            pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            for g in c.dicom_series()
+            for p in g
+        )
 
     assert uids(again) == uids(case)
-    other = Pipeline(demo_spec(), ExplainSettings(formats=["dicom-pm", "dicom-seg", "dicom-sc"],
-                                                  method="gradcam++"))  # fmt: skip
+    other = Pipeline(
+        demo_spec(),
+        ExplainSettings(formats=["dicom-pm", "dicom-seg", "dicom-sc"], method="gradcam++"),
+    )
     changed = other.explain(ct.folder, tmp_path, "case-c")
     assert not set(uids(changed)) & set(uids(case))
 
@@ -81,8 +88,10 @@ def test_same_result_same_uids(written_case, tmp_path):
 @pytest.mark.slow
 def test_server_down_mid_store_then_retry(fresh_orthanc, pacs_env, tmp_path, monkeypatch):  # noqa: F811
     server = fresh_orthanc
-    for kind, sink_cls, method in (("stow", StowSink, "_store_series"),
-                                   ("cstore", CStoreSink, "_store")):  # fmt: skip
+    for kind, sink_cls, method in (
+        ("stow", StowSink, "_store_series"),
+        ("cstore", CStoreSink, "_store"),
+    ):
         ct, _ = make_study(tmp_path / kind, scout=False)
         server.upload(ct.files)
         address = server.dicomweb if kind == "stow" else server.dimse
@@ -96,19 +105,24 @@ def test_server_down_mid_store_then_retry(fresh_orthanc, pacs_env, tmp_path, mon
             return _original(self, *args)
 
         monkeypatch.setattr(sink_cls, method, failing)
-        pipeline = Pipeline(demo_spec(), ExplainSettings(), [open_sink(address, attempts=1)],
-                            log=lambda m: None)  # fmt: skip
+        pipeline = Pipeline(
+            demo_spec(), ExplainSettings(), [open_sink(address, attempts=1)], log=lambda m: None
+        )
         with pytest.raises(PacsError) as info:
             explain_study(open_source(server.dicomweb), ct.study_uid, pipeline)
         message = str(info.value)
         assert "retry" in message and "nothing is stored twice" in message
-        assert ("Stored 2 of the 3 result series" in message if kind == "stow"
-                else "went away" in message)  # fmt: skip
+        assert (
+            "Stored 2 of the 3 result series" in message
+            if kind == "stow"
+            else "went away" in message
+        )
         monkeypatch.setattr(sink_cls, method, original)
         server.start()
         # the retry completes the job: every result once, nothing twice
-        pipeline = Pipeline(demo_spec(), ExplainSettings(), [open_sink(address)],
-                            log=lambda m: None)  # fmt: skip
+        pipeline = Pipeline(
+            demo_spec(), ExplainSettings(), [open_sink(address)], log=lambda m: None
+        )
         records = explain_study(open_source(server.dicomweb), ct.study_uid, pipeline)
         assert [r["status"] for r in records if r["series"] == ct.series_uid] == ["done"]
         assert {r["detail"] for r in records if r["status"] == "skipped"} <= {"a medcam result"}

@@ -41,11 +41,17 @@ def test_explain_study_over_dicomweb(orthanc, pacs_env, tmp_path):  # noqa: F811
     k = int(np.argmax(pm.pixel_array.reshape(len(ct.files), -1).max(axis=1)))
     frame = pm.PerFrameFunctionalGroupsSequence[k]
     row, col = np.unravel_index(int(np.argmax(pm.pixel_array[k])), pm.pixel_array[k].shape)
-    iop = np.array([float(v) for v in
-                    pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-                    .ImageOrientationPatient])  # fmt: skip
-    spacing = [float(v) for v in pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
-               .PixelSpacing]  # fmt: skip
+    iop = np.array(
+        [
+            float(v)
+            for v in pm.SharedFunctionalGroupsSequence[0]
+            .PlaneOrientationSequence[0]
+            .ImageOrientationPatient
+        ]
+    )
+    spacing = [
+        float(v) for v in pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    ]
     origin = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
     peak = origin + iop[:3] * spacing[1] * col + iop[3:] * spacing[0] * row
     assert np.linalg.norm(peak - np.array(LESION_LPS)) < 25
@@ -108,8 +114,9 @@ def test_wrong_credentials_and_unreachable(orthanc, monkeypatch, tmp_path):  # n
     assert "not-a-valid-token" not in result.output
     # nobody listens on this port
     address = f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web"
-    result = CliRunner().invoke(main, ["explain", address, "--study", ct.study_uid,
-                                       *DEMO_MODEL_ARGS, "--store"])  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["explain", address, "--study", ct.study_uid, *DEMO_MODEL_ARGS, "--store"]
+    )
     assert result.exit_code == 2 and "Cannot reach the DICOMweb server" in result.output
     assert orthanc.instance_count() == before
     # there is no command-line secret

@@ -19,7 +19,7 @@ from typing import Any
 
 from medcam.errors import InputError, MedcamError, ModelError, PacsError
 from medcam.sinks.base import Sink, WrittenCase
-from medcam.sources.base import SeriesFilter, SeriesRef, Source
+from medcam.sources.base import SeriesFilter, SeriesRef, Source, is_medcam_result
 
 __all__ = ["ExplainSettings", "Pipeline", "explain_study", "result_seed", "series_case_name"]
 
@@ -115,6 +115,11 @@ class Pipeline:
 
         s = self.settings
         scan = load_scan(path)
+        if scan.datasets and is_medcam_result(str(scan.datasets[0].get("Manufacturer", "")), ""):
+            raise InputError(
+                "This series is a medcam result; it is not explained again (exclude "
+                "Manufacturer = medcam from the routing rule or the series filter)."
+            )
         check_formats(s.formats, scan)  # before the model runs
         try:
             ex = explain_scan(

@@ -58,10 +58,10 @@ def study(tmp_path_factory):
 def send(port: int, files, calling: str = "PACS") -> list[int]:
     """C-STORE ``files`` to the node the way a PACS would; the status of each."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in {pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID for f in files}:
+        ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDCAM")
     assert assoc.is_established, "the node refused the association"
     try:
@@ -162,15 +162,20 @@ def test_bad_series_does_not_stop_the_node(spec, study, tmp_path):
     wait_idle(n)
     send(n.port, ct.files)
     wait_idle(n)
+    # a routing rule that sends medcam's own results back: refused, no result of a result
+    overlays = sorted((tmp_path / "results").rglob("*_sc/*.dcm"))
+    assert send(n.port, overlays) == [0] * len(overlays)
+    wait_idle(n)
     jobs = n.journal.jobs()
-    assert [j["state"] for j in jobs] == ["failed", "done"]
+    assert [j["state"] for j in jobs] == ["failed", "done", "failed"]
     assert "dicom-pm" in jobs[0]["error"] and len(sink.sent) == 1
+    assert "is a medcam result" in jobs[2]["error"]
     assert list((tmp_path / "state" / "inbox").iterdir())  # the failed series is kept
     n.stop()
     result = CliRunner().invoke(main, ["listen", "--store-to", "x", "--status",
                                        "--state", str(tmp_path / "state")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "1 done, 1 failed" in result.output and "failed: series ..." in result.output
+    assert "1 done, 2 failed" in result.output and "failed: series ..." in result.output
 
 
 def test_bounded_queue_and_callers(spec, study, tmp_path):

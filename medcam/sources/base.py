@@ -27,6 +27,7 @@ __all__ = [
     "SeriesFilter",
     "SeriesRef",
     "Source",
+    "is_medcam_result",
     "open_source",
     "register_source",
     "source_kinds",
@@ -56,6 +57,14 @@ NON_IMAGE_MODALITIES = frozenset(
     }
 )
 DERIVED_BY = "medcam"  # Manufacturer of medcam's own results: never explained again
+
+
+def is_medcam_result(manufacturer: str, description: str) -> bool:
+    """True for a series medcam made (Manufacturer ``medcam``; or, where a server does not
+    report the Manufacturer, a SeriesDescription starting with ``medcam ``)."""
+    if manufacturer:
+        return manufacturer.strip().lower() == DERIVED_BY
+    return (description or "").lower().startswith(f"{DERIVED_BY} ")
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,7 @@ class SeriesFilter:
         """``None`` when ``ref`` is to be explained, else the reason it is skipped."""
         if self.series_uids:
             return None if ref.series_uid in self.series_uids else "not a requested series"
-        if ref.manufacturer.strip().lower() == DERIVED_BY:
+        if is_medcam_result(ref.manufacturer, ref.description):
             return "a medcam result"
         modality = ref.modality.upper()
         if self.modalities and modality not in self.modalities:

@@ -16,6 +16,7 @@ STUDY = [
     SeriesRef("1", "1.3", "SR", "dose report", 1),
     SeriesRef("1", "1.4", "OT", "medcam gradcam class1 overlay", 120, manufacturer="medcam"),
     SeriesRef("1", "1.5", "MR", "T1", 80),
+    SeriesRef("1", "1.6", "OT", "medcam gradcam class1", 1),  # no Manufacturer reported
 ]
 
 
@@ -23,7 +24,8 @@ def test_default_filter_skips_results_and_non_images():
     chosen, skipped = SeriesFilter().select(STUDY)
     assert [r.series_uid for r in chosen] == ["1.1", "1.2", "1.5"]
     reasons = dict((r.series_uid, why) for r, why in skipped)
-    assert reasons == {"1.3": "modality SR holds no images to explain", "1.4": "a medcam result"}
+    assert reasons == {"1.3": "modality SR holds no images to explain", "1.4": "a medcam result",
+                       "1.6": "a medcam result"}  # fmt: skip
 
 
 def test_filters():

@@ -62,6 +62,20 @@ def result_seed(scan: Any, model_sha256: str, settings: ExplainSettings) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+def _made_by_medcam(path: Path) -> bool:
+    """Whether the first DICOM file of ``path`` (a file or a series folder) is a medcam result."""
+    import pydicom
+
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files[:1]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Manufacturer"])
+        except Exception:
+            return False
+        return is_medcam_result(str(ds.get("Manufacturer", "")), "")
+    return False
+
+
 def series_case_name(series_uid: str) -> str:
     """Case-folder name of a series from a server: a hash of its UID (no identifiers)."""
     return f"series-{hashlib.sha256(series_uid.encode()).hexdigest()[:12]}"
@@ -114,12 +128,12 @@ class Pipeline:
         from medcam.writers.registry import check_formats
 
         s = self.settings
-        scan = load_scan(path)
-        if scan.datasets and is_medcam_result(str(scan.datasets[0].get("Manufacturer", "")), ""):
+        if _made_by_medcam(Path(path)):
             raise InputError(
                 "This series is a medcam result; it is not explained again (exclude "
                 "Manufacturer = medcam from the routing rule or the series filter)."
             )
+        scan = load_scan(path)
         check_formats(s.formats, scan)  # before the model runs
         try:
             ex = explain_scan(

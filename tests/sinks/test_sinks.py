@@ -105,9 +105,9 @@ def test_server_down_mid_store_then_retry(fresh_orthanc, pacs_env, tmp_path, mon
             return _original(self, *args)
 
         monkeypatch.setattr(sink_cls, method, failing)
-        pipeline = Pipeline(
-            demo_spec(), ExplainSettings(), [open_sink(address, attempts=1)], log=lambda m: None
-        )
+        # a dead peer is noticed by the socket closing or, at the latest, by the timeout
+        sink = open_sink(address, attempts=1, timeout=5)
+        pipeline = Pipeline(demo_spec(), ExplainSettings(), [sink], log=lambda m: None)
         with pytest.raises(PacsError) as info:
             explain_study(open_source(server.dicomweb), ct.study_uid, pipeline)
         message = str(info.value)

@@ -44,19 +44,46 @@ class ExplainSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=repr, sort_keys=True))
+        """The settings as plain data, the same in every process (no object addresses)."""
+        return _stable(asdict(self))
+
+
+def _stable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON-able data that does not depend on the process (for the UID seed)."""
+    import numpy as np
+    import torch
+
+    if depth > 8 or value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _stable(v, depth + 1) for k, v in sorted(value.items(), key=str)}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_stable(v, depth + 1) for v in items]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        return {"array": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    fields = {k: v for k, v in vars(value).items() if not k.startswith("_")} if hasattr(
+        value, "__dict__") else {"repr": repr(value)}  # fmt: skip
+    return {"type": kind, **{k: _stable(v, depth + 1) for k, v in sorted(fields.items())}}
 
 
 def result_seed(scan: Any, model_sha256: str, settings: ExplainSettings) -> str:
     """A hex digest of what determines a result: the source instances (SOP Instance UIDs, or the
-    input's hash for non-DICOM sources), the model weights and the settings."""
+    input's hash for non-DICOM sources), the model weights, the settings (except which formats
+    are written) and medcam's version."""
     from medcam import __version__
 
     sources = sorted(str(ds.SOPInstanceUID) for ds in scan.datasets if "SOPInstanceUID" in ds)
     record = {
         "sources": sources or [scan.sha256],
         "model": model_sha256,
-        "settings": settings.record(),
+        # the formats written do not change any one object (each format has its own seed)
+        "settings": {k: v for k, v in settings.record().items() if k != "formats"},
         "medcam": __version__,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -12,10 +12,12 @@ from medcam.errors import MedcamError
 __all__ = [
     "DicomIdentity",
     "copy_source_geometry",
+    "derived_uid",
     "frames_for_source",
     "method_code",
     "require_dicom_series",
     "source_images",
+    "uid_seed_for",
 ]
 
 MANUFACTURER = "medcam"
@@ -44,9 +46,12 @@ class DicomIdentity:
     instance_number: int = 1
 
     @classmethod
-    def new(cls, series_number: int) -> DicomIdentity:
+    def new(cls, series_number: int, seed: str | None = None) -> DicomIdentity:
+        """New random UIDs, or with ``seed`` UIDs derived from it (:func:`derived_uid`)."""
         from pydicom.uid import generate_uid
 
+        if seed is not None:
+            return cls(derived_uid(seed, "series"), derived_uid(seed, "instance"), series_number)
         return cls(generate_uid(), generate_uid(), series_number)
 
     def highdicom_kwargs(self) -> dict:
@@ -60,6 +65,23 @@ class DicomIdentity:
             "software_versions": __version__,
             "device_serial_number": SERIAL,
         }
+
+
+def derived_uid(seed: str, *parts: str) -> str:
+    """A UID that depends only on ``seed`` and ``parts`` (pydicom's root + a hash of them).
+
+    With a seed made from the source instances, the model weights and the settings, a retried
+    store or a restarted listener sends the same UIDs again, so a PACS keeps one copy.
+    """
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[seed, *parts])
+
+
+def uid_seed_for(options: dict, fmt: str, k: int) -> str | None:
+    """The seed for map ``k`` of format ``fmt`` when the case has ``options["uid_seed"]``."""
+    seed = options.get("uid_seed")
+    return None if seed is None else f"{seed}/{fmt}/{k}"
 
 
 def require_dicom_series(scan, what: str) -> None:

@@ -12,6 +12,7 @@ from medcam.writers.dicom_common import (
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
+    uid_seed_for,
 )
 from medcam.writers.registry import CaseOutput, register_format
 
@@ -99,7 +100,8 @@ def write_parametric_maps(out: CaseOutput) -> list[Path]:
     """One float32 Parametric Map ``<base>_pm.dcm`` per map, in the source's study."""
     paths = []
     for k, label in enumerate(out.labels):
-        identity = DicomIdentity.new(out.series_number(k, 1))
+        seed = uid_seed_for(out.options, "dicom-pm", k)
+        identity = DicomIdentity.new(out.series_number(k, 1), seed=seed)
         pm = build_parametric_map(out.heat[k], out.scan, method=out.method, label=label,
                                   identity=identity)  # fmt: skip
         paths.append(out.folder.write_file(f"{out.base(k)}_pm.dcm", lambda p, d=pm: d.save_as(p)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medcam.errors import MedcamError
-from medcam.writers.dicom_common import DicomIdentity
+from medcam.writers.dicom_common import DicomIdentity, derived_uid, uid_seed_for
 from medcam.writers.figures import blend_rgb, window
 from medcam.writers.registry import CaseOutput, register_format
 
@@ -72,6 +72,7 @@ def build_secondary_captures(
     method: str,
     series_number: int,
     alpha: float = 0.4,
+    uid_seed: str | None = None,
 ) -> list:
     """One RGB Secondary Capture per source image, heatmap blended over the image.
 
@@ -83,6 +84,9 @@ def build_secondary_captures(
     made from in SourceImageSequence, keeps the source's BodyPartExamined and Laterality, and
     carries every type 2 attribute of the Secondary Capture IOD (dciodvfy-clean). A Siemens
     MOSAIC gives one capture per unpacked slice, each referencing the one mosaic image.
+
+    With ``uid_seed``, the series and instance UIDs derive from it (the same seed gives the same
+    UIDs, so a retried store keeps one copy); by default they are new.
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -109,11 +113,12 @@ def build_secondary_captures(
     else:
         gray = window(img)
     vmax = float(heat.max())
-    series_uid = generate_uid()
+    series_uid = derived_uid(uid_seed, "series") if uid_seed is not None else generate_uid()
     out = []
     for k, (ds, frame) in enumerate(sources):
         rgb = blend_rgb(gray[:, :, k].T, heat[:, :, k].T, vmax, alpha)
-        identity = DicomIdentity(series_uid, generate_uid(), series_number, k + 1)
+        sop_uid = derived_uid(uid_seed, "instance", str(k)) if uid_seed is not None else None
+        identity = DicomIdentity(series_uid, sop_uid or generate_uid(), series_number, k + 1)
         kwargs = identity.highdicom_kwargs()
         for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
             kwargs.pop(key)
@@ -160,6 +165,7 @@ def write_secondary_captures(out: CaseOutput) -> list[Path]:
             method=out.method,
             series_number=out.series_number(k, 3),
             alpha=float(out.options.get("alpha", 0.4)),
+            uid_seed=uid_seed_for(out.options, "dicom-sc", k),
         )
         folder = out.folder.target(f"{out.base(k)}_sc")
         folder.mkdir()

@@ -14,6 +14,7 @@ from medcam.writers.dicom_common import (
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
+    uid_seed_for,
 )
 from medcam.writers.registry import CaseOutput, register_format
 
@@ -109,7 +110,9 @@ def write_segmentations(out: CaseOutput) -> list[Path]:
             label=label,
             method=out.method,
             fractional=bool(out.options.get("fractional_seg", False)),
-            identity=DicomIdentity.new(out.series_number(k, 2)),
+            identity=DicomIdentity.new(
+                out.series_number(k, 2), seed=uid_seed_for(out.options, "dicom-seg", k)
+            ),
         )
         paths.append(out.folder.write_file(f"{out.base(k)}_seg.dcm", lambda p, d=seg: d.save_as(p)))
     return paths

@@ -85,6 +85,7 @@ def write_outputs(
     fractional_seg: bool = False,
     alpha: float = 0.4,
     series_number_base: int = 9000,
+    uid_seed: str | None = None,
 ) -> dict[str, list[Path]]:
     """Write ``explanation`` (a :class:`medcam.ScanExplanation`) as case folder
     ``out_dir/<case>/``.
@@ -108,6 +109,11 @@ def write_outputs(
         Heatmap opacity in the PNG figures and Secondary Captures.
     series_number_base:
         DICOM SeriesNumber of the first derived series (map ``k``, format ``i``: base + 10k + i).
+    uid_seed:
+        Derive the DICOM outputs' Series/SOP Instance UIDs from this text instead of making new
+        ones (the same seed gives the same UIDs: a PACS keeps one copy when a result is sent
+        again). :func:`medcam.pipeline.result_seed` makes one from the source instances, the
+        model weights and the settings.
 
     Returns
     -------
@@ -126,7 +132,8 @@ def write_outputs(
     root = OutputDir(out_dir, explanation.scan.input_files)
     stem = safe_name(case) if case is not None else case_name(explanation.scan)
     options = {"seg_threshold": seg_threshold, "fractional_seg": fractional_seg,
-               "alpha": alpha, "series_number_base": series_number_base}  # fmt: skip
+               "alpha": alpha, "series_number_base": series_number_base,
+               "uid_seed": uid_seed}  # fmt: skip
     with root.case(stem) as stage:
         return write_case(explanation, stage, formats, stem=stem, model=model, **options)
 

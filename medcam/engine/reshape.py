@@ -237,7 +237,7 @@ def _token_layout(
             if 0 <= extra <= _MAX_PREFIX_TOKENS:
                 return Layout("tokens", grid, extra, token_dim, source=source)
     rank = len(spatial)
-    for token_dim in (1, 2):
+    for token_dim in (1,):  # inferred grids: (B, N, C) only, the common order
         n = shape[token_dim]
         for extra in (0, 1):
             for p in range(1, min(spatial) + 1):

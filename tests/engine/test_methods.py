@@ -222,5 +222,5 @@ def test_method_aliases(alias, name):
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(medcam.MedcamError, match="gradcam\\+\\+.*scorecam"):
+    with pytest.raises(medcam.MedcamError, match=r"gradcam\+\+.*scorecam"):
         medcam.engine.get_method("eigencam")

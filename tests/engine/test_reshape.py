@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import UNETR, ViT, SwinUNETR
+from monai.networks.nets import UNETR, SwinUNETR, ViT
 from torch import nn
 
 import medcam
@@ -117,7 +117,7 @@ def test_class_token_only_gradient_is_refused():
     """After the last block only the class token reaches the classification head: every patch
     token's gradient is zero, so the map would be zero; medcam says so instead."""
     net, x = _vit(2)
-    with pytest.raises(medcam.LayerError, match="class token.*norm1"):
+    with pytest.raises(medcam.LayerError, match=r"class token.*norm1"):
         medcam.explain(net, x, 0, layers="blocks.1", output=0)
     assert count_hooks(net) == 0
 
@@ -141,9 +141,7 @@ def test_unetr_tokens_match_pytorch_grad_cam():
     def reshape(t: torch.Tensor) -> torch.Tensor:  # UNETR's own proj_feat, as a user writes it
         return t.reshape(t.shape[0], 2, 2, 2, t.shape[-1]).permute(0, 4, 1, 2, 3)
 
-    theirs = _pgc_gradcam_raw(
-        net, layer, x, [SemanticSegmentationTarget(1, mask.numpy())], reshape
-    )
+    theirs = _pgc_gradcam_raw(net, layer, x, [SemanticSegmentationTarget(1, mask.numpy())], reshape)
     _close(result.raw[layer][:, 0], theirs)
 
 
@@ -234,5 +232,5 @@ def test_unreadable_token_layer_asks_for_reshape():
             t = x.flatten(2)[:, :, :7].transpose(1, 2)  # 7 "tokens": no grid fits
             return self.proj(t).mean(dim=1)
 
-    with pytest.raises(medcam.LayerError, match="neither a feature map.*reshape="):
+    with pytest.raises(medcam.LayerError, match=r"neither a feature map.*reshape="):
         medcam.explain(Odd(), torch.randn(1, 3, 8, 8), 0, layers="proj")

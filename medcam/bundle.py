@@ -157,6 +157,10 @@ class CAMHandler:
     name_from_input:
         Name outputs after the input file (sanitised) instead of ``case-<input hash>``; input
         names may carry patient identifiers, hence off by default.
+    forward_kwargs, extra_keys:
+        For networks that take more than the image: keyword arguments for ``network.forward``
+        (passed as they are), and batch keys whose per-sample values are stacked and passed as
+        further positional inputs after the image (see :class:`medcam.Explainer`).
     """
 
     def __init__(
@@ -171,6 +175,8 @@ class CAMHandler:
         normalize: str = "none",
         fusion: str | None = None,
         name_from_input: bool = False,
+        forward_kwargs: dict[str, Any] | None = None,
+        extra_keys: Sequence[str] = (),
     ) -> None:
         self.name_from_input = name_from_input
         self.output_dir = Path(output_dir)
@@ -182,6 +188,8 @@ class CAMHandler:
         self.image_key = image_key
         self.normalize = normalize
         self.fusion = fusion
+        self.forward_kwargs = forward_kwargs
+        self.extra_keys = list(extra_keys)
         self.written: list[Path] = []
 
     def attach(self, engine: Any) -> None:
@@ -208,9 +216,10 @@ class CAMHandler:
         # MONAI evaluators decollate the batch into a list of samples after postprocessing
         items = batch if isinstance(batch, list) else decollate_batch(batch)
         images = torch.stack([torch.as_tensor(item[self.image_key]) for item in items])
+        extra = [torch.stack([torch.as_tensor(item[k]) for item in items]) for k in self.extra_keys]
         explainer = Explainer(network, self.layers, self.method, fusion=self.fusion)
         with torch.enable_grad():  # the evaluator runs under no_grad
-            cam = explainer(images, self.target)
+            cam = explainer((images, *extra), self.target, forward_kwargs=self.forward_kwargs)
         for i, item in enumerate(items):
             image = item[self.image_key]
             if not isinstance(image, MetaTensor):

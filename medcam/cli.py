@@ -334,8 +334,11 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         infos = list_layers(spec.network, x)
         click.echo(f"{'layer':60s} {'type':24s} output shape")
         for info in infos:
-            if info.is_candidate or show_all:
-                mark = "" if info.is_candidate else "  (not a target)"
+            target = info.is_candidate or info.is_token_layer
+            if target or show_all:
+                mark = "" if target else "  (not a target)"
+                if info.layout in ("tokens", "channels_last") and target:
+                    mark = f"  ({info.layout}, grid {info.grid})"
                 click.echo(f"{info.name:60s} {info.type:24s} {info.output_shape}{mark}")
 
     _run(work)

@@ -153,21 +153,24 @@ def on_source(
     return ScanExplanation(scan, heatmap[0], cam, record, names)
 
 
-def _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap) -> CAMResult:
+def _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap,
+                        forward_kwargs=None) -> CAMResult:  # fmt: skip
     """The stitched map as a CAMResult whose other fields describe the central window."""
     from dataclasses import replace
 
     from medcam.engine.sliding import explain_sliding_window
 
     stitched = explain_sliding_window(explainer, batch, roi_size, target,
-                                      sw_batch_size=sw_batch_size, overlap=overlap)  # fmt: skip
+                                      sw_batch_size=sw_batch_size, overlap=overlap,
+                                      forward_kwargs=forward_kwargs)  # fmt: skip
     spatial = batch.shape[2:]
     start = [max(0, (n - r) // 2) for n, r in zip(spatial, roi_size, strict=True)]
     crop = tuple(slice(s0, s0 + r) for s0, r in zip(start, roi_size, strict=True))
     window = batch[(slice(None), slice(None), *crop)]
     pad = [p for w, r in zip(reversed(window.shape[2:]), reversed(roi_size), strict=True)
            for p in (0, r - w)]  # fmt: skip
-    centre = explainer(torch.nn.functional.pad(window, pad), target)  # padded like MONAI
+    centre = explainer(torch.nn.functional.pad(window, pad), target,
+                       forward_kwargs=forward_kwargs)  # padded like MONAI  # fmt: skip
     return replace(
         centre,
         heatmaps={},
@@ -192,6 +195,8 @@ def explain_scan(
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 1,
     overlap: float = 0.25,
+    forward_kwargs: dict[str, Any] | None = None,
+    extra_inputs: Sequence[Any] = (),
     **explainer_kwargs: Any,
 ) -> ScanExplanation:
     """Explain one scan and return heatmaps on its original grid.
@@ -216,6 +221,10 @@ def explain_scan(
         With ``roi_size``, the model input is explained in sliding windows of that size (MONAI's
         sliding-window inference, Gaussian blending; for fully convolutional networks larger than
         their training patch), and ``cam`` describes the central window.
+    forward_kwargs, extra_inputs:
+        Keyword arguments for ``model.forward`` (passed as they are), and further positional
+        inputs after the image (e.g. a clinical vector), each for this one scan: tensors and
+        arrays get a batch dimension of 1, like the image. See :class:`medcam.Explainer`.
 
     Returns
     -------
@@ -230,8 +239,13 @@ def explain_scan(
     image = scan.image.to(model_device(explainer.model, scan.image))
     model_input = preprocess(image) if preprocess is not None else image
     batch = torch.as_tensor(model_input)[None]
+    extra = [torch.as_tensor(e)[None] if isinstance(e, (torch.Tensor, np.ndarray)) else e
+             for e in extra_inputs]  # fmt: skip
     if roi_size is None:
-        cam = explainer(batch, target)
+        cam = explainer((batch, *extra), target, forward_kwargs=forward_kwargs)
+    elif extra:
+        raise MedcamError("extra_inputs cannot be combined with roi_size (sliding windows).")
     else:
-        cam = _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap)
+        cam = _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap,
+                                  forward_kwargs)  # fmt: skip
     return on_source(scan, cam, model_input, preprocess, normalize)

@@ -26,6 +26,7 @@ def explain_sliding_window(
     sw_batch_size: int = 1,
     overlap: float = 0.25,
     mode: str = "gaussian",
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Stitched heatmap ``(B, K, *spatial)`` of ``x: (B, C, *spatial)`` from windows of
     ``roi_size``.
@@ -33,12 +34,13 @@ def explain_sliding_window(
     Each window is explained on its own (its own forward, target and backward): use it with
     fully convolutional (segmentation) networks and a :class:`medcam.SegmentationTarget`, whose
     score is defined per window. Maps are raw (not normalised) so overlapping windows blend on one
-    scale; normalise the stitched map if you need to.
+    scale; normalise the stitched map if you need to. ``forward_kwargs`` go to every window's
+    forward pass as they are.
     """
     from monai.inferers import sliding_window_inference
 
     def heatmap_of(windows: torch.Tensor) -> torch.Tensor:
-        return explainer(windows, target).heatmap
+        return explainer(windows, target, forward_kwargs=forward_kwargs).heatmap
 
     return sliding_window_inference(
         torch.as_tensor(x), roi_size, sw_batch_size, heatmap_of, overlap=overlap, mode=mode,

@@ -227,9 +227,12 @@ def explain_inputs(
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
 
-    Relative paths are relative to the manifest's folder. Errors name the row and column.
+    Relative paths are relative to the manifest's folder. Dates are ISO ``YYYY-MM-DD`` or DICOM
+    ``YYYYMMDD`` (anything else, e.g. ``2020-1-25``, is refused). Errors name the row and column.
     """
     import csv
+
+    from medcam.longitudinal.timepoint import parse_date
 
     path = Path(path)
     with open(path, newline="") as f:
@@ -253,8 +256,10 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
                     entry[key] = p
             if "scan" not in entry:
                 raise InputError(f"{path}, line {n}: empty 'scan'.")
-            entry["date"] = row.get("date") or None
-            entry["label"] = row.get("label") or ""
+            entry["date"] = (row.get("date") or "").strip() or None
+            entry["label"] = (row.get("label") or "").strip()
+            if entry["date"] is not None:  # ISO or DICOM only, checked before any model runs
+                parse_date(entry["date"], f"{path.name}, line {n}")
             rows.append(entry)
     return rows
 

@@ -168,7 +168,7 @@ def compare(
     label_map: np.ndarray | None = None,
     limits: Limits | None = None,
     strict: bool = False,
-    min_finding_ml: float = 0.1,
+    min_finding_ml: float = 0.5,
     match_distance_mm: float = 10.0,
     out: str | Path | None = None,
     formats: Sequence[str] | None = None,
@@ -198,7 +198,8 @@ def compare(
         Raise :class:`UnreliableComparisonError` instead of returning flagged numbers.
     min_finding_ml:
         Activated regions smaller than this are not tracked as findings (still counted in the
-        visit's activated volume).
+        visit's activated volume). Default 0.5 mL: a 10 mm sphere, RECIST's smallest measurable
+        lesion; smaller specks (partial-volume rims, noise) would flood the tracking.
     match_distance_mm:
         A follow-up region continues a finding when they overlap or their centroids are
         closer than this (baseline space).

@@ -226,22 +226,31 @@ def registration_png(result, images: list[np.ndarray], tile_mm: float = 30.0) ->
     return _png(fig)
 
 
-def findings_png(result, images: list[np.ndarray], half_mm: float = 45.0) -> bytes | None:
-    """One row per finding, one column per visit: axial crop (``2 * half_mm``) through the
-    finding's centroid on the registered images; ``None`` when there is no finding."""
+def findings_png(
+    result, images: list[np.ndarray], half_mm: float = 45.0, max_rows: int = 8
+) -> bytes | None:
+    """One row per finding (the ``max_rows`` largest), one column per visit: axial crop
+    (``2 * half_mm``) through the finding's centroid on the registered images; ``None`` when
+    there is no finding."""
     from medcam.writers.figures import blend_rgb
 
     if not result.findings:
         return None
+
+    def biggest(f) -> float:
+        return max(v.volume_ml or 0.0 for v in f.visits)
+
+    largest = sorted(result.findings, key=lambda f: -biggest(f))[:max_rows]
+    shown = sorted(largest, key=lambda f: f.number)
     plt = _plt()
     base = result.baseline
     vmax = max(float(m.max()) for m in result.on_baseline) or 1.0
     win = display_window(result)
     inv = np.linalg.inv(base.affine_lps)
     zoom = _display_zooms(base.affine_lps)
-    nf, nv = len(result.findings), len(images)
+    nf, nv = len(shown), len(images)
     fig, axes = plt.subplots(nf, nv, figsize=(1.9 * nv + 1.2, 2.0 * nf + 0.4), squeeze=False)
-    for r, f in enumerate(result.findings):
+    for r, f in enumerate(shown):
         where = next(fv.centroid_lps for fv in f.visits if fv.centroid_lps is not None)
         idx = np.clip(np.rint((inv @ np.append(where, 1.0))[:3]).astype(int), 0,
                       np.array(base.image.shape) - 1)  # fmt: skip
@@ -269,7 +278,10 @@ def findings_png(result, images: list[np.ndarray], half_mm: float = 45.0) -> byt
                 ax.set_ylabel(f.name, fontsize=9)
             if r == nf - 1:
                 ax.set_xlabel(result.rows[c]["visit"], fontsize=8)
-    fig.suptitle("findings over time (axial, registered; patient right on the left)", fontsize=9)
+    more = len(result.findings) - nf
+    extra = f"; {more} smaller finding(s) in the table only" if more > 0 else ""
+    fig.suptitle(f"findings over time (axial, registered; patient right on the left){extra}",
+                 fontsize=9)  # fmt: skip
     return _png(fig)
 
 

@@ -1,7 +1,8 @@
 """Findings: separate activated regions, tracked across visits with a stable number and UID.
 
 At each visit the activated voxels (heatmap >= threshold, on the visit's own grid) are split into
-connected regions (6-connected; regions under ``min_volume_ml`` are ignored as specks). Regions
+connected regions (6-connected; regions under ``min_volume_ml``, 0.5 mL by default, are not
+tracked: specks of partial volume or noise would flood the list). Regions
 of a follow-up are matched to the findings seen so far on the baseline grid, after registration:
 a region continues a finding when it overlaps the finding's last activated region or its
 centroid lies within ``match_distance_mm`` of the finding's last centroid. As in RECIST 1.1

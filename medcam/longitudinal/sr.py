@@ -102,7 +102,7 @@ def _seg(tp, masks: list[tuple[object, np.ndarray]], method: str, visit: str):
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        omit_empty_frames=False,
+        omit_empty_frames=True,  # a finding spans a few slices: store only those
         content_label="FINDINGS",
         content_description=f"medcam findings {visit}"[:64],
         content_creator_name="medcam^",
@@ -140,10 +140,17 @@ def _sr(tp, result, visit_index: int, seg, segment_of: dict[int, int]):
         if f.number in segment_of:
             volume = hd.sr.Measurement(name=codes.SCT.Volume, value=float(fv.volume_ml),
                                        unit=ml, algorithm_id=algorithm)  # fmt: skip
+            segment = hd.sr.ReferencedSegment(  # the series, not each of its images
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=segment_of[f.number],
+                source_series=hd.sr.SourceSeriesForSegmentation(
+                    tp.scan.datasets[0].SeriesInstanceUID
+                ),
+            )
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                    seg, segment_number=segment_of[f.number]),
+                referenced_segment=segment,
                 time_point_context=when,
                 finding_type=method_code(method),
                 algorithm_id=algorithm,

@@ -94,3 +94,51 @@ MOTIONS = [
     rigid_motion((-8, 10, -9), (-20, 25, -15)),  # 16 degrees, 35 mm
     rigid_motion((5, 8, -14), (10, 30, -20)),  # 17 degrees, 37 mm
 ]
+
+
+def sphere_on(affine_lps: np.ndarray, shape, centre, radius_mm: float) -> np.ndarray:
+    """The phantom heatmap of one finding (1 inside, edge smoothed over one voxel) on any grid
+    given by its voxel-to-LPS affine: for scans read back from DICOM or NIfTI."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    pts = idx @ affine_lps[:3, :3].T + affine_lps[:3, 3]
+    dist = np.linalg.norm(pts - np.asarray(centre, float), axis=-1)
+    edge = float(np.sqrt((affine_lps[:3, :3] ** 2).sum(axis=0)).min())
+    return np.clip((radius_mm + edge / 2 - dist) / edge, 0, 1).astype(np.float32)
+
+
+def dicom_visits(root, visits: Sequence[Visit], *, strip: Sequence[str] = ()):
+    """Write each visit as a CT series (its own study, StudyDate = the visit's date) and return
+    ``(folders, timepoints)``; the timepoints hold the loaded scans and the findings' heatmaps.
+    ``strip``: attributes deleted from the first visit's files (e.g. PatientBirthDate)."""
+    from pathlib import Path
+
+    import pydicom
+
+    from medcam.data.synthetic import write_dicom_series
+    from medcam.io.scan import load_scan
+
+    folders, tps = [], []
+    for i, v in enumerate(visits):
+        lesions = list(v.findings.values())
+        first = lesions[0] if lesions else ((-45.0, -10.0, 15.0), -100.0)
+        hu = torso_phantom(v.geometry, v.motion, first[0], first[1], seed=i)
+        folder = Path(root) / f"visit{i}"
+        write_dicom_series(hu, v.geometry, folder, study_date=v.date.strftime("%Y%m%d"),
+                           patient_id="P-SR")  # fmt: skip
+        if i == 0 and strip:
+            for path in folder.iterdir():
+                ds = pydicom.dcmread(path)
+                for key in strip:
+                    if key in ds:
+                        delattr(ds, key)
+                ds.save_as(path)
+        scan = load_scan(folder)
+        heat = np.zeros(scan.spatial_shape, np.float32)
+        for centre, radius in lesions:
+            moved = centre if v.motion is None else (v.motion @ np.append(centre, 1.0))[:3]
+            heat = np.maximum(heat, sphere_on(scan.affine_lps, scan.spatial_shape, moved, radius))
+        tps.append(Timepoint(scan.image[0].numpy(), scan.affine_lps, heat, v.date,
+                             {"patient": "P-SR", "modality": "CT", "method": "gradcam"},
+                             scan=scan))  # fmt: skip
+        folders.append(folder)
+    return folders, tps

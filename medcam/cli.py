@@ -169,7 +169,7 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
             mr) -> None:  # fmt: skip
     """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
     from medcam.longitudinal import compare as run_compare
-    from medcam.longitudinal.report import finding_summary, visit_summary
+    from medcam.longitudinal.report import finding_summary, summary_findings, visit_summary
     from medcam.longitudinal.timepoint import parse_date
     from medcam.runner import load_model, load_timepoints, parse_target, read_manifest
 
@@ -200,8 +200,11 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
         click.echo(f"threshold: {result.threshold_rule}")
         for row in result.rows:
             click.echo(visit_summary(row))
-        for finding in result.findings:
+        shown = summary_findings(result)
+        for finding in shown:
             click.echo(finding_summary(finding, result))
+        if len(shown) < len(result.findings):
+            click.echo(f"{len(result.findings) - len(shown)} smaller finding(s): see the report")
         if not result.findings:
             click.echo("no finding above the threshold at any visit")
         if result.flags:

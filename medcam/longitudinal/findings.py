@@ -35,6 +35,7 @@ from medcam.longitudinal.metrics import trend_per_30_days
 __all__ = ["Finding", "FindingVisit", "Region", "label_regions", "track_findings"]
 
 PRESENT = ("present", "new", "reappeared")
+SMALL = "too small to track"
 
 
 @dataclass
@@ -58,9 +59,10 @@ class FindingVisit:
     """A finding at one visit.
 
     ``status``: "present", "new", "reappeared", "resolved", "not imaged", "merged" (its region
-    is counted in finding ``merged_into``) or "not yet seen". ``volume_ml`` is 0 when resolved or
-    not yet seen and ``None`` when not imaged or merged; changes are ``None`` where undefined
-    (from zero, or without a value).
+    is counted in finding ``merged_into``), "too small to track" (activation remains where it
+    was, only in regions under the tracking size; its volume is measured on the baseline grid)
+    or "not yet seen". ``volume_ml`` is 0 when resolved or not yet seen and ``None`` when not
+    imaged or merged; changes are ``None`` where undefined (from zero, or without a value).
     """
 
     status: str
@@ -183,6 +185,7 @@ def track_findings(
 
     tracks: list[_Track] = []
     n_visits = len(regions)
+    base_voxel_ml = abs(float(np.linalg.det(grids[0][0][:3, :3]))) / 1000.0
     for v in range(n_visits):
         regs = list(regions[v])
         by_label = {r.label: r for r in regs}
@@ -258,10 +261,23 @@ def track_findings(
                     t.statuses[v] = FindingVisit("not imaged", None,
                                                  note="outside the field of view")  # fmt: skip
                     continue
-                fv = FindingVisit("resolved", 0.0)
                 where = np.isin(labels_on_base[t.last_visit], t.last_labels)
                 residual = float(on_base[v][where].max()) if where.any() else 0.0
-                fv.peak = residual
+                if residual >= threshold:  # still activated there: not resolved
+                    covering = set(np.unique(labels_on_base[v][where]).tolist()) - {0}
+                    owners = [tracks[i].number for i, labs in assigned.items()
+                              if covering & set(labs)]  # fmt: skip
+                    if owners:
+                        t.statuses[v] = FindingVisit("merged", None, merged_into=min(owners))
+                        continue
+                    active = float((on_base[v][where] >= threshold).sum()) * base_voxel_ml
+                    t.statuses[v] = FindingVisit(
+                        SMALL, active, peak=residual,
+                        note="activation remains there, in regions under the tracking size "
+                        "(volume on the baseline grid)",
+                    )  # fmt: skip
+                    continue
+                fv = FindingVisit("resolved", 0.0, peak=residual)
                 if residual >= 0.8 * threshold:
                     fv.borderline = True
                     fv.note = f"heat there reaches {residual / threshold:.0%} of the threshold"

@@ -16,6 +16,7 @@ import numpy as np
 
 from medcam.errors import InputError
 from medcam.io.output import OutputDir, safe_name
+from medcam.longitudinal.findings import SMALL
 from medcam.longitudinal.metrics import METRIC_DESCRIPTIONS
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_formats",
     "finding_summary",
     "json_record",
+    "summary_findings",
     "visit_summary",
     "write_report",
 ]
@@ -31,6 +33,7 @@ __all__ = [
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 FORMATS = ("nifti", "dicom-pm", "png", "dicom-sr", "csv", "json", "html")
 DICOM_FORMATS = ("dicom-pm", "dicom-sr")
+SUMMARY_FINDINGS = 6  # the summary names the largest findings; the table lists all
 CAVEAT = (
     "The heatmap shows where the model found evidence for its output. A change in the heatmap "
     "is a change in the model's explanation, not necessarily a change in the disease: it also "
@@ -115,6 +118,9 @@ def finding_summary(finding, result) -> str:
     previous = [(i, v) for i, v in enumerate(visits[:last]) if v.volume_ml]
     if fv.status == "merged":
         return f"{name}: merged into Finding {fv.merged_into} on {date}.{tail}"
+    if fv.status == SMALL:
+        return (f"{name}: on {date} only specks under the tracking size remain where it was "
+                f"(about {fv.volume_ml:.2f} mL).{tail}")  # fmt: skip
     if fv.status == "not imaged":
         before = f"; last {previous[-1][1].volume_ml:.2f} mL on {rows[previous[-1][0]]['date']}"
         return (f"{name}: not imaged on {date} (outside the field of view: not assessable)"
@@ -371,6 +377,8 @@ def _findings_table(result) -> str:
                 text = f"merged into {fv.merged_into}"
             elif fv.status == "not yet seen":
                 text = "—"
+            elif fv.status == SMALL:
+                text = f"specks, {fv.volume_ml:.2f} mL"
             else:
                 text = fv.status
             cls = ' class="flag"' if fv.borderline or fv.status == "not imaged" else ""
@@ -409,6 +417,16 @@ def _settings(result) -> str:
         "</code></td></tr>" for k, v in items) + "</table>"  # fmt: skip
 
 
+def _largest(finding) -> float:
+    return max(v.volume_ml or 0.0 for v in finding.visits)
+
+
+def summary_findings(result, limit: int = SUMMARY_FINDINGS) -> list:
+    """The findings the summary names: the ``limit`` largest (over all visits), by number."""
+    largest = sorted(result.findings, key=lambda f: (-_largest(f), f.number))[:limit]
+    return sorted(largest, key=lambda f: f.number)
+
+
 def _html(result, pictures: dict[str, bytes | None]) -> str:
     rows = result.rows
     prov = result.baseline.provenance
@@ -421,8 +439,13 @@ def _html(result, pictures: dict[str, bytes | None]) -> str:
     else:
         flag_html = ('<div class="ok">Registration and threshold checks are within the stated '
                      "limits for every visit.</div>")  # fmt: skip
-    summary = "".join(f"<li>{html.escape(finding_summary(f, result))}</li>"
-                      for f in result.findings)  # fmt: skip
+    shown = summary_findings(result)
+    summary = "".join(f"<li>{html.escape(finding_summary(f, result))}</li>" for f in shown)
+    if len(shown) < len(result.findings):
+        more = len(result.findings) - len(shown)
+        summary += (f"<li>{more} smaller finding(s) (never above "
+                    f"{max(_largest(f) for f in result.findings if f not in shown):.2f} mL): "
+                    "see the table below.</li>")  # fmt: skip
     total = rows[-1]
     total_line = (
         f"Total activated volume {total['volume_ml']:.2f} mL on {total['date']}"

@@ -105,6 +105,17 @@ def test_seg_and_sr_per_visit_with_stable_tracking_uids(written):
     (resolved,) = last.content.get_image_measurement_groups()
     assert resolved.tracking_uid == f2.uid
     assert resolved.get_measurements(name=codes.SCT.Volume)[0].value == 0.0
+    absent = [item for item in _walk(last.ContentSequence)
+              if "ConceptCodeSequence" in item
+              and item.ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value]  # fmt: skip
+    assert absent and absent[0].ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+
+
+def _walk(sequence):
+    for item in sequence:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
 
 
 def test_dciodvfy_accepts_every_dicom_output(written):

@@ -249,7 +249,8 @@ def findings_png(
     inv = np.linalg.inv(base.affine_lps)
     zoom = _display_zooms(base.affine_lps)
     nf, nv = len(shown), len(images)
-    fig, axes = plt.subplots(nf, nv, figsize=(1.9 * nv + 1.2, 2.0 * nf + 0.4), squeeze=False, layout="constrained")
+    size = (1.9 * nv + 1.2, 2.0 * nf + 0.4)
+    fig, axes = plt.subplots(nf, nv, figsize=size, squeeze=False, layout="constrained")
     for r, f in enumerate(shown):
         where = next(fv.centroid_lps for fv in f.visits if fv.centroid_lps is not None)
         idx = np.clip(np.rint((inv @ np.append(where, 1.0))[:3]).astype(int), 0,

@@ -217,9 +217,9 @@ def registration_png(result, images: list[np.ndarray], tile_mm: float = 30.0) ->
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                verdict = "FLAGGED" if any("regist" in f or "scaled" in f or "images disagree"
-                                           in f or "rigid and affine" in f
-                                           for f in row["flags"]) else "ok"  # fmt: skip
+                flagged = any(f.visit == row["visit"] and f.kind == "registration"
+                              for f in result.flags)  # fmt: skip
+                verdict = "FLAGGED" if flagged else "ok"
                 ax.set_ylabel(f"{row['visit']}\nvs baseline\n{reg.kind}: {verdict}", fontsize=9)
             if r == 0:
                 ax.set_title(f"{plane} (checkerboard)", fontsize=9)

@@ -90,3 +90,25 @@ def test_formats_are_checked_before_registration(tmp_path):
     with pytest.raises(InputError, match="dicom-sr needs DICOM visits"):
         compare(tps, out=tmp_path, formats=["dicom-sr"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # the bad date, on purpose
+def test_bad_dicom_study_date_fails_before_any_model_runs(tmp_path, monkeypatch):
+    from medcam.data.synthetic import write_dicom_series
+
+    grid = Geometry((12, 10, 6), (20.0, 20.0, 30.0), (-110.0, -90.0, -75.0))
+    volume = np.zeros(grid.shape, np.float32)
+    write_dicom_series(volume, grid, tmp_path / "visit0", study_date="20200125")
+    write_dicom_series(volume, grid, tmp_path / "visit1", study_date="2020.03.01")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model ran before the dates were checked")
+
+    monkeypatch.setattr("medcam.space.explain_scan", no_model)
+    result = CliRunner().invoke(
+        main,
+        ["compare", str(tmp_path / "visit0"), str(tmp_path / "visit1"), "--out",
+         str(tmp_path / "out"), "--model", "tests.helpers:intensity_cam_3d"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "visit1 (StudyDate)" in result.output and "2020.03.01" in result.output

@@ -14,7 +14,13 @@ from medcam.errors import InputError
 from medcam.longitudinal import metrics as M
 from medcam.longitudinal.findings import Finding, Region, label_regions, track_findings
 from medcam.longitudinal.quality import Flag, Limits, UnreliableComparisonError, registration_flags
-from medcam.longitudinal.registration import Registration, from_sitk, register, to_sitk
+from medcam.longitudinal.registration import (
+    Registration,
+    body_mask,
+    from_sitk,
+    register,
+    to_sitk,
+)
 from medcam.longitudinal.timepoint import COMPARABLE, Timepoint
 
 __all__ = ["LongitudinalResult", "compare"]
@@ -220,9 +226,7 @@ def compare(
 
         check_formats(formats, tps)
     t_eff = thr if thr is not None else math.inf
-    from medcam.longitudinal.registration import _body_mask
-
-    body = from_sitk(_body_mask(to_sitk(base.image, base.affine_lps), body_threshold)).astype(bool)
+    body = from_sitk(body_mask(to_sitk(base.image, base.affine_lps), body_threshold)).astype(bool)
     reference = _reference(base)
     regs: list[Registration] = []
     on_base = [base.heatmap.astype(np.float32)]

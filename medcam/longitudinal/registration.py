@@ -186,7 +186,7 @@ def _inverse(transform, pts: np.ndarray, iterations: int = 50) -> np.ndarray:
     return out
 
 
-def _body_mask(image, threshold: float | None):
+def body_mask(image, threshold: float | None):
     """Voxels above ``threshold`` (CT: -500 HU); Otsu's threshold when ``None`` (MR)."""
     import SimpleITK as sitk
 
@@ -352,7 +352,7 @@ def register(
     start = time.perf_counter()
     fixed = to_sitk(fixed_array, fixed_affine_lps)
     moving = to_sitk(moving_array, moving_affine_lps)
-    fmask = _body_mask(fixed, body_threshold)
+    fmask = body_mask(fixed, body_threshold)
     body = from_sitk(fmask).astype(bool)
     if kind == "none":
         identity = sitk.Euler3DTransform()
@@ -360,14 +360,20 @@ def register(
         return Registration(identity, "none", metric, similarity=sim, coverage=cov,
                             stop_condition="identity (no registration)",
                             seconds=time.perf_counter() - start)  # fmt: skip
-    mmask = _body_mask(moving, body_threshold)
-    c_fixed = _mask_centroid(fmask, "baseline")
-    c_moving = _mask_centroid(mmask, "follow-up")
+    mmask = body_mask(moving, body_threshold)
+    c_fixed = _mask_centroid(fmask, "baseline")  # an empty baseline is an error
     initial = sitk.Euler3DTransform()
     initial.SetCenter(c_fixed)
+    out = Registration(initial, kind, metric)
+    try:
+        c_moving = _mask_centroid(mmask, "follow-up")
+    except MedcamError as err:  # an empty follow-up (all air): flagged, not raised
+        out.failed, out.stop_condition = True, str(err)
+        out.similarity, out.coverage = _similarity(fixed, body, moving, initial)
+        out.seconds = time.perf_counter() - start
+        return out
     initial.SetTranslation([float(m - f) for m, f in zip(c_moving, c_fixed, strict=True)])
     metric_mask = _dilate(fmask, MASK_MARGIN_MM)
-    out = Registration(initial, kind, metric)
     try:
         rigid, value, stop = _linear(fixed, moving, metric_mask, initial, metric, SHRINK,
                                      SIGMA_MM, SAMPLES, seed, threads)  # fmt: skip
@@ -390,7 +396,7 @@ def register(
             out.scale = float(abs(np.linalg.det(matrix)) ** (1 / 3))
     except RuntimeError as err:  # e.g. "All samples map outside moving image buffer"
         out.failed, out.transform, out.check = True, initial, None
-        out.stop_condition = f"registration failed: {str(err).strip().splitlines()[-1][:200]}"
+        out.stop_condition = str(err).strip().splitlines()[-1][:200]
     out.similarity, out.coverage = _similarity(fixed, body, moving, out.transform)
     idx = np.argwhere(body)[:: max(1, int(body.sum()) // 500)]
     pts = idx @ fixed_affine_lps[:3, :3].T + fixed_affine_lps[:3, 3]

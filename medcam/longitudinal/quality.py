@@ -20,8 +20,8 @@ class Limits:
 
     Defaults were set on medcam's torso phantom (see docs/longitudinal.md): correctly
     registered follow-ups reach a similarity of 0.95 and a rigid-affine disagreement under
-    0.3 mm; a blank visit has similarity 0.00, a visit rescaled by 4 % has a 2.6 mm disagreement
-    at the lesion and a scale of 1.040. Tune them on your own data.
+    0.3 mm; a blank visit has similarity 0.00, a visit rescaled by 4 % has a 1.9-3.5 mm
+    disagreement at the lesion and a scale of 1.040. Tune them on your own data.
 
     Attributes
     ----------

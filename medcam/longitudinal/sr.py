@@ -15,38 +15,19 @@ never crashes a writer. The inputs are not modified.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 
+from medcam.writers.dicom_common import complete_type2
+
 __all__ = [
-    "TYPE2_ATTRIBUTES",
-    "complete_type2",
     "difference_parametric_map",
     "write_findings_dicom",
 ]
 
-# patient / study attributes highdicom copies from the source without a default
-TYPE2_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-    "StudyDate", "StudyTime", "ReferringPhysicianName",
-)  # fmt: skip
 SERIES_NUMBER_PM, SERIES_NUMBER_SEG, SERIES_NUMBER_SR = 9500, 9510, 9520
-
-
-def complete_type2(datasets):
-    """Copies of ``datasets`` in which each missing :data:`TYPE2_ATTRIBUTES` is present, empty."""
-    out = []
-    for ds in datasets:
-        missing = [k for k in TYPE2_ATTRIBUTES if k not in ds]
-        if missing:
-            ds = copy.deepcopy(ds)
-            for k in missing:
-                setattr(ds, k, "")
-        out.append(ds)
-    return out
 
 
 def _scan(tp):

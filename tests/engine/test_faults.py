@@ -136,9 +136,8 @@ def test_a_model_that_raises_is_a_model_error_naming_the_input(error):
 
 def test_batch_norm_with_a_batch_of_one_in_training_mode_says_what_to_do():
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2)
-    ).train()
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), *pool, nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
     with pytest.raises(medcam.ModelError, match="eval=True") as err:
         medcam.explain(net, torch.randn(1, 1, 6, 6), layers="0", eval=False)
     assert isinstance(err.value.__cause__, ValueError)

@@ -77,14 +77,22 @@ class OutputDir:
         return path
 
     def write_file(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Call ``write(tmp_path)``, then rename the temporary file to ``name`` atomically."""
+        """Call ``write(tmp_path)``, then rename the temporary file to ``name`` atomically.
+
+        An ``OSError`` of the file system (a full disk, a quota, a vanished folder) is raised as
+        an :class:`OutputError` that names the file (``errno`` kept) and leaves no temporary
+        file."""
         final = self.target(name)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             write(tmp)
             os.replace(tmp, final)
+        except OutputError:
+            raise
+        except OSError as err:
+            raise _io_error(f"Cannot write {self.final_path(final)}", err) from err
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
         self.written.append(final)
         return final
@@ -112,10 +120,16 @@ class OutputDir:
         so that two writers of one name never interleave their renames."""
         old = None
         with _locked(self.path):
-            if final.exists() or final.is_symlink():
-                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                if final.exists() or final.is_symlink():
+                    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                    os.replace(final, old)
+                os.replace(tmp, final)
+            except OSError as err:
+                if old is not None and not final.exists():  # put the previous result back
+                    with contextlib.suppress(OSError):
+                        os.replace(old, final)
+                raise _io_error(f"Cannot put {final} in place", err) from err
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -160,7 +174,7 @@ class OutputDir:
         try:
             tmp.mkdir()
         except OSError as err:
-            raise OutputError(f"Cannot create a folder in {self.path}: {err}") from err
+            raise _io_error(f"Cannot create a folder in {self.path}", err) from err
         stage = OutputDir(tmp, ())
         stage._inputs = self._inputs
         stage.final = final
@@ -176,6 +190,17 @@ class OutputDir:
         if self.final is None:
             return Path(path)
         return self.final / Path(path).relative_to(self.path)
+
+
+def _io_error(what: str, err: OSError) -> OutputError:
+    """An :class:`OutputError` for a failed file-system call, with its ``errno`` (so callers
+    can tell a full disk from a refusal) and a hint."""
+    out = OutputError(
+        f"{what}: {err.strerror or err}. Free space, or fix the folder's permissions, or "
+        "choose another output folder; then run again."
+    )
+    out.errno, out.strerror, out.filename = err.errno, err.strerror, err.filename
+    return out
 
 
 def _alive(pid: str) -> bool:

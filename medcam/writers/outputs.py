@@ -62,9 +62,9 @@ def write_case(
     for fmt in chosen:
         try:
             paths = fmt.write(out)
-        except OutputError:
-            raise
         except OSError as err:  # a full disk, a quota, a vanished folder
+            if isinstance(err, OutputError) and err.errno is None:
+                raise  # a refusal (an input file as output, a bad name): already explained
             raise OutputError(
                 f"Writing the {fmt.name} output of case {stem!r} failed: {err.strerror or err}. "
                 "Nothing of this case was written (a previous result of the case is kept); free "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -84,9 +85,14 @@ class OutputDir:
         file."""
         final = self.target(name)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        standalone = self.final is None and _durable()  # staged files are synced at commit
         try:
             write(tmp)
+            if standalone:
+                _fsync_file(tmp)
             os.replace(tmp, final)
+            if standalone:
+                _fsync_dir(self.path)
         except OutputError:
             raise
         except OSError as err:
@@ -107,9 +113,21 @@ class OutputDir:
 
     def _sweep(self, name: str) -> None:
         """Remove what killed writers left for ``name``: staging folders whose process is gone
-        and replaced folders not yet deleted."""
-        for p in self.path.glob(f".{glob.escape(name)}.*-*"):
+        and replaced folders not yet deleted; a replaced folder whose replacement never came
+        (a kill between the two renames of :meth:`_swap_in`) is put back instead."""
+        with _locked(self.path):  # a writer between its two renames holds the lock
+            self._sweep_locked(name)
+
+    def _sweep_locked(self, name: str) -> None:
+        final = self.path / name
+        for p in sorted(self.path.glob(f".{glob.escape(name)}.*-*")):
             kind, _, rest = p.name[len(name) + 2 :].partition("-")
+            if kind == "old" and not (final.exists() or final.is_symlink()):
+                # killed between moving the previous result aside and putting the new one in
+                # place: the previous result comes back
+                with contextlib.suppress(OSError):
+                    os.replace(p, final)
+                continue
             if kind == "old" or (kind == "tmp" and not _alive(rest.split("-")[0])):
                 shutil.rmtree(p, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
@@ -180,7 +198,12 @@ class OutputDir:
         stage.final = final
         try:
             yield stage
+            durable = _durable()
+            if durable:
+                _fsync_tree(tmp)
             self._swap_in(tmp, final)
+            if durable:
+                _fsync_dir(self.path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.written.append(final)
@@ -190,6 +213,51 @@ class OutputDir:
         if self.final is None:
             return Path(path)
         return self.final / Path(path).relative_to(self.path)
+
+
+#: Environment variable: ``1`` makes every committed case durable (fsynced) before and after
+#: its rename, so a power loss right after a case is reported leaves it complete on disk.
+FSYNC_ENV = "MEDCAM_FSYNC"
+
+
+def _durable() -> bool:
+    return os.environ.get(FSYNC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without folder sync
+            raise _io_error(f"Cannot flush {folder} to disk", err) from err
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _io_error(f"Cannot flush {path} to disk", err) from err
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (the folders last, deepest first)."""
+    folders = [folder]
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        folders.extend(Path(root) / d for d in dirs)
+    for f in reversed(folders):
+        _fsync_dir(f)
 
 
 def _io_error(what: str, err: OSError) -> OutputError:

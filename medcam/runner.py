@@ -299,9 +299,12 @@ def explain_inputs(
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
 
-    Relative paths are relative to the manifest's folder. Errors name the row and column.
+    Relative paths are relative to the manifest's folder. Dates are ISO ``YYYY-MM-DD`` or DICOM
+    ``YYYYMMDD`` (anything else, e.g. ``2020-1-25``, is refused). Errors name the row and column.
     """
     import csv
+
+    from medcam.longitudinal.timepoint import parse_date
 
     path = Path(path)
     with open(path, newline="") as f:
@@ -325,8 +328,10 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
                     entry[key] = p
             if "scan" not in entry:
                 raise InputError(f"{path}, line {n}: empty 'scan'.")
-            entry["date"] = row.get("date") or None
-            entry["label"] = row.get("label") or ""
+            entry["date"] = (row.get("date") or "").strip() or None
+            entry["label"] = (row.get("label") or "").strip()
+            if entry["date"] is not None:  # ISO or DICOM only, checked before any model runs
+                parse_date(entry["date"], f"{path.name}, line {n}")
             rows.append(entry)
     return rows
 
@@ -340,11 +345,32 @@ def load_timepoints(
     target: Any = "pred",
 ) -> list:
     """Visits from ``{"scan", "heatmap"?, "date"?, "label"?}`` entries; heatmaps missing from an
-    entry are computed with ``spec`` (the same explainer for every visit)."""
+    entry are computed with ``spec`` (the same explainer for every visit).
+
+    Every scan is read and every date checked (given, or the DICOM StudyDate) before the model
+    runs on any of them, so a bad date or a missing heatmap fails fast, naming the visit.
+    """
     from medcam.engine.core import Explainer
-    from medcam.longitudinal.timepoint import Timepoint
+    from medcam.io.scan import load_scan
+    from medcam.longitudinal.timepoint import Timepoint, dicom_date, parse_date
     from medcam.space import explain_scan
 
+    pending = []
+    for entry in entries:
+        if entry.get("heatmap"):
+            continue
+        if spec is None:
+            raise MedcamError(
+                f"No heatmap for {entry['scan']}: give one (manifest 'heatmap' column) or a model "
+                "(--bundle / --model) to compute it."
+            )
+        scan = load_scan(entry["scan"])
+        name = entry.get("label") or Path(entry["scan"]).name
+        when = entry.get("date")
+        when = parse_date(when, name) if when else dicom_date(scan.datasets, name)
+        if when is None:
+            raise InputError(f"No date for visit {name!r}: give one (YYYY-MM-DD).")
+        pending.append((entry, scan, when))
     explainer = Explainer(spec.network, layers, method) if spec is not None else None
     visits = []
     for entry in entries:
@@ -356,15 +382,10 @@ def load_timepoints(
                 label=entry.get("label", ""),
             )
             visits.append(visit)
-            continue
-        if spec is None:
-            raise MedcamError(
-                f"No heatmap for {entry['scan']}: give one (manifest 'heatmap' column) or a model "
-                "(--bundle / --model) to compute it."
-            )
-        ex = explain_scan(spec.network, entry["scan"], preprocess=spec.preprocess, target=target,
+    for entry, scan, when in pending:
+        ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
                           explainer=explainer)  # fmt: skip
-        visits.append(Timepoint.from_explanation(ex, date=entry.get("date"), model=spec.network,
+        visits.append(Timepoint.from_explanation(ex, date=when, model=spec.network,
                                                  label=entry.get("label", "")))  # fmt: skip
     return visits
 

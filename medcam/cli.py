@@ -385,6 +385,7 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
             method, target, registration, threshold, threshold_fraction, formats, strict,
             mr) -> None:  # fmt: skip
     """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
+    from medcam.io.output import OutputDir
     from medcam.longitudinal import compare as run_compare
     from medcam.longitudinal.report import finding_summary, summary_findings, visit_summary
     from medcam.longitudinal.timepoint import parse_date
@@ -404,6 +405,7 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
                 if d is not None:
                     parse_date(d, Path(v).name)  # a bad date fails before any model runs
             entries = [{"scan": v, "date": d} for v, d in zip(visits, date_list, strict=True)]
+        OutputDir(out)  # a folder that cannot be written fails before any model runs
         spec = None
         if bundle or model_spec:
             spec = load_model(bundle=bundle, model=model_spec, weights=weights,

@@ -60,10 +60,12 @@ class Case:
 def read_cohort_manifest(path: str | Path) -> list[Case]:
     """Read and check a cohort manifest CSV (columns ``case_id``, ``input``, optional ``target``
     and ``mask``); every problem is reported before any work starts."""
+    from medcam.runner import manifest_errors
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"The manifest {path} does not exist.")
-    with open(path, newline="") as f:
+    with manifest_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in ("case_id", "input") if c not in columns]

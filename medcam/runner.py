@@ -5,8 +5,9 @@ The CLI (``medcam explain``) and cohort runs call these; they hold no logic of t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,21 @@ def explain_inputs(
     return records
 
 
+@contextlib.contextmanager
+def manifest_errors(path: Path) -> Iterator[None]:
+    """A manifest that cannot be read (missing, unreadable, not UTF-8 text, malformed CSV) as an
+    :class:`InputError` naming it."""
+    import csv
+
+    try:
+        yield
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise InputError(
+            f"Cannot read the manifest {path} ({why}). Give a UTF-8 CSV file with a header row."
+        ) from err
+
+
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
 
@@ -307,7 +323,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     from medcam.longitudinal.timepoint import parse_date
 
     path = Path(path)
-    with open(path, newline="") as f:
+    with manifest_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         if "scan" not in columns:

@@ -291,11 +291,14 @@ def read_only(tmp_path, monkeypatch):
     yield folder
 
 
-@pytest.mark.parametrize("command", ["explain", "cohort"])
+@pytest.mark.parametrize("command", ["explain", "cohort", "compare"])
 def test_read_only_output_is_refused_before_the_model_runs(cases, read_only, tmp_path, command):
     exploding = ["--model", "tests.helpers:exploding_model", "--layer", "conv"]
     if command == "explain":
         args = _explain(cases, read_only / "out", "nifti", exploding)
+    elif command == "compare":
+        args = ["compare", str(cases / "s0.nii.gz"), str(cases / "s1.nii.gz"), "--dates",
+                "2024-01-02,2024-06-30", "--out", str(read_only / "out"), *exploding]  # fmt: skip
     else:
         manifest = tmp_path / "m.csv"
         manifest.write_text(f"case_id,input\nc0,{cases}/s0.nii.gz\n")
@@ -422,3 +425,52 @@ def test_a_cohort_worker_killed_mid_run_then_resumed(cases, tmp_path):
     for i in range(6):
         names = {p.name for p in (out / f"c{i}").iterdir()}
         assert not any("class0" in n for n in names) and any("class1" in n for n in names)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("command", ["cohort", "compare"])
+@pytest.mark.parametrize(
+    "content",
+    [b"case_id,input\n\xff\xfe\x00broken\n", b"\x00\x01\x02" * 40],
+    ids=["not-utf8", "binary"],
+)
+def test_an_unreadable_manifest_is_one_line(tmp_path, command, content):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(content)
+    out = str(tmp_path / "o")
+    if command == "cohort":
+        args = ["cohort", "run", "--manifest", str(manifest), "--out", out, *MODEL]
+    else:
+        args = ["compare", "--manifest", str(manifest), "--out", out]
+    code, output = _cli(*args)
+    assert code == 2, output
+    (line,) = _error_lines(output)
+    assert line.startswith("medcam: error:") and str(manifest) in line, line
+    assert "Traceback" not in output
+
+
+def test_manifest_readers_raise_input_errors(tmp_path):
+    """The API: a manifest that is a folder or cannot be decoded is an InputError."""
+    from medcam.cohort import read_cohort_manifest
+    from medcam.errors import InputError
+    from medcam.runner import read_manifest
+
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"scan\n\xff\xfe\n")
+    for reader in (read_cohort_manifest, read_manifest):
+        for path in (folder, binary):
+            with pytest.raises(InputError, match="Cannot read the manifest"):
+                reader(path)
+
+
+def test_a_manifest_saved_by_a_spreadsheet_is_read(cases, tmp_path):
+    """Excel writes a UTF-8 byte-order mark before the header: the columns still match."""
+    from medcam.cohort import read_cohort_manifest
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(f"case_id,input\r\nc0,{cases}/s0.nii.gz\r\n".encode("utf-8-sig"))
+    assert [c.case_id for c in read_cohort_manifest(manifest)] == ["c0"]

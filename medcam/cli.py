@@ -284,7 +284,7 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
 
     def work():
         if show_status:
-            journal = Journal(Path(state) / "journal.sqlite3")
+            journal = Journal(Path(state) / "journal.sqlite3", create=False)
             counts = journal.counts()
             click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs")
             for job in journal.jobs():

@@ -77,13 +77,24 @@ class Journal:
     same instances were already explained and delivered).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        if not create and not self.path.is_file():
+            raise MedcamError(
+                f"No journal at {self.path}: give the --state folder of a node that has run "
+                "(medcam listen --state DIR)."
+            )
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            raise MedcamError(
+                f"Cannot open the journal {self.path} ({err}); check that the state folder is "
+                "on a local disk with free space and that no other program holds the file."
+            ) from err
 
     def close(self) -> None:
         with self._lock:

@@ -317,3 +317,19 @@ def test_a_full_disk_while_writing_results_is_retried_not_failed(tmp_path):
     refused.run_job(refused.journal.get(key))
     assert refused.journal.get(key)["state"] == FAILED
     refused.journal.close()
+
+
+def test_status_of_a_state_folder_without_a_journal(tmp_path):
+    result = CliRunner().invoke(
+        main, ["listen", "--store-to", str(tmp_path / "o"), "--status", "--state",
+               str(tmp_path / "nothing")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "No journal at" in result.output, result.output
+    assert not (tmp_path / "nothing").exists()  # nothing created by asking
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "journal.sqlite3").write_bytes(b"this is not a database" * 100)
+    result = CliRunner().invoke(
+        main, ["listen", "--store-to", str(tmp_path / "o"), "--status", "--state", str(bad)]
+    )
+    assert result.exit_code == 2 and "Cannot open the journal" in result.output, result.output

@@ -26,12 +26,15 @@ def _model_options(f):
 
 
 def _window_options(f):
-    f = click.option("--overlap", type=float, default=0.25, show_default=True,
-                     help="Sliding-window overlap.")(f)  # fmt: skip
-    f = click.option("--sw-batch-size", type=int, default=1, show_default=True,
-                     help="Windows per forward pass.")(f)  # fmt: skip
+    f = click.option("--overlap", type=float, default=None,
+                     help="Sliding-window overlap (default: the bundle's, else 0.25).",
+                     )(f)  # fmt: skip
+    f = click.option("--sw-batch-size", type=int, default=None,
+                     help="Windows per forward pass without gradients (default: the bundle's, "
+                     "else 1).")(f)  # fmt: skip
     f = click.option("--roi-size", help="Explain in sliding windows of this size, e.g. "
-                     "96,96,96 (fully convolutional networks on large volumes).")(f)  # fmt: skip
+                     "96,96,96 (default: a --bundle's own SlidingWindowInferer; without one, the "
+                     "whole volume).")(f)  # fmt: skip
     return f
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "cohort_processor",
     "expand_inputs",
     "explain_inputs",
+    "inference_options",
     "input_kind",
     "load_model",
     "load_timepoints",
@@ -49,12 +50,19 @@ def _import_object(spec: str, what: str) -> Any:
 
 @dataclass
 class ModelSpec:
-    """A network plus the preprocessing that makes its input, ready to explain."""
+    """A network plus the preprocessing that makes its input, ready to explain.
+
+    ``inferer`` is how the network is run for inference (a bundle's sliding window, else
+    ``None``: the whole input); ``expect`` what input it takes
+    (:class:`medcam.engine.inferer.InputSpec`), checked before the model runs.
+    """
 
     network: torch.nn.Module
     preprocess: Any
     source: str
     input_shape: tuple[int, ...] | None = None
+    inferer: Any = None
+    expect: Any = None
 
 
 def load_model(
@@ -77,9 +85,8 @@ def load_model(
         from medcam.bundle import load_bundle
 
         b = load_bundle(bundle, device)
-        return ModelSpec(
-            b.network, pre or b.preprocess, f"bundle {Path(bundle).name}", b.input_shape()
-        )
+        return ModelSpec(b.network, pre or b.preprocess, f"bundle {Path(bundle).name}",
+                         b.input_shape(), b.inferer, b.expect)  # fmt: skip
     factory = _import_object(model, "--model")
     network = factory()
     if not isinstance(network, torch.nn.Module):
@@ -112,15 +119,48 @@ def parse_size(text: str, option: str = "--input-size", example: str = "96,96,96
     return size
 
 
-def parse_window(roi_size: str | None, sw_batch_size: int = 1, overlap: float = 0.25):
-    """Sliding-window options from ``--roi-size 96,96,96`` (``None`` without it)."""
-    if not roi_size:
+def parse_window(
+    roi_size: str | None, sw_batch_size: int | None = None, overlap: float | None = None
+) -> dict[str, Any] | None:
+    """Sliding-window options from the command line (``--roi-size 96,96,96``, ...); ``None``
+    where none is given. They override a bundle's own inferer settings (see
+    :func:`inference_options`)."""
+    size = None
+    if roi_size:
+        try:
+            size = [int(v) for v in roi_size.split(",")]
+        except ValueError:
+            raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+    if size is None and sw_batch_size is None and overlap is None:
         return None
-    try:
-        size = [int(v) for v in roi_size.split(",")]
-    except ValueError:
-        raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
     return {"roi_size": size, "sw_batch_size": sw_batch_size, "overlap": overlap}
+
+
+def inference_options(spec: ModelSpec, window: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for :func:`medcam.explain_scan`: the inferer to follow (the model's
+    own, e.g. a bundle's sliding window, with ``window``'s overrides) and the input check."""
+    from dataclasses import replace
+
+    from medcam.engine.sliding import SlidingWindow
+
+    inferer = spec.inferer
+    window = window or {}
+    if window.get("roi_size"):
+        base = inferer if inferer is not None else SlidingWindow(tuple(window["roi_size"]),
+                                                                 mode="gaussian")  # fmt: skip
+        inferer = replace(base, roi_size=tuple(window["roi_size"]))
+    if inferer is None and (window.get("sw_batch_size") is not None or window.get("overlap")
+                            is not None):  # fmt: skip
+        raise MedcamError(
+            "--sw-batch-size and --overlap need --roi-size (or a bundle with a sliding-window "
+            "inferer)."
+        )
+    if inferer is not None:
+        if window.get("sw_batch_size") is not None:
+            inferer = replace(inferer, sw_batch_size=int(window["sw_batch_size"]))
+        if window.get("overlap") is not None:
+            inferer = replace(inferer, overlap=float(window["overlap"]))
+    return {"inferer": inferer, "expect": spec.expect}
 
 
 def parse_target(text: str) -> Any:
@@ -233,7 +273,8 @@ def explain_and_write(
 
     ``out`` is a folder, or the staging :class:`~medcam.io.output.OutputDir` of a case that the
     caller commits (the cohort adds its status record to the same transaction).
-    ``window``: sliding-window options for :func:`medcam.explain_scan` (``roi_size``, ...).
+    ``window``: keyword arguments for :func:`medcam.explain_scan` saying how the model infers
+    (``inferer``, ``expect``; see :func:`inference_options`).
     """
     from medcam.io.output import OutputDir
     from medcam.space import explain_scan
@@ -270,7 +311,9 @@ def explain_inputs(
 
     Returns one record per case: ``{"input", "case", "outputs"}``. Everything is validated (the
     cases exist, the output folder is writable, the method and formats are known) before the
-    first case runs.
+    first case runs; each case's input is checked against what the network takes (spatial
+    rank, channels) before the model runs on it. ``window`` overrides the sliding-window
+    settings (:func:`parse_window`); the model's own inferer (a bundle's) is followed otherwise.
     """
     from medcam.engine.core import Explainer
     from medcam.io.output import OutputDir
@@ -285,12 +328,13 @@ def explain_inputs(
     names = unique_case_names(cases) if name_from_input else {}
     OutputDir(out)
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    options = inference_options(spec, window)
     records = []
     for path in progress(cases):
         scan = load_scan(path)
         case = names[path] if name_from_input else case_name(scan)
         _, paths = explain_and_write(spec, explainer, scan, Path(out), case, target, formats,
-                                     normalize, window)  # fmt: skip
+                                     normalize, options)  # fmt: skip
         files = [str(p) for p in paths]
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
@@ -400,7 +444,7 @@ def load_timepoints(
             visits.append(visit)
     for entry, scan, when in pending:
         ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
-                          explainer=explainer)  # fmt: skip
+                          explainer=explainer, **inference_options(spec))  # fmt: skip
         visits.append(Timepoint.from_explanation(ex, date=when, model=spec.network,
                                                  label=entry.get("label", "")))  # fmt: skip
     return visits
@@ -429,12 +473,13 @@ def cohort_processor(
     from medcam.io.scan import load_scan
 
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    options = inference_options(spec, window)
 
     def process(case: Any, folder: OutputDir) -> list[Path]:
         scan = load_scan(case.input)
         case_target = parse_target(case.target or target)
         ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
-                                      formats, normalize, window)  # fmt: skip
+                                      formats, normalize, options)  # fmt: skip
         if case.mask is not None:
             from medcam import evaluate
 

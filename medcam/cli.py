@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().params.get("debug"))
 
 
+@contextlib.contextmanager
+def _trusted_bundles():
+    """``medcam --trusted-bundles DIRS`` for every bundle the command loads: set as
+    ``MEDCAM_TRUSTED_BUNDLES`` (read by :func:`medcam.bundle.check_trusted`) while it runs."""
+    from medcam.bundle import TRUST_ENV
+
+    ctx = click.get_current_context(silent=True)
+    value = ctx.find_root().params.get("trusted_bundles") if ctx else None
+    before = os.environ.get(TRUST_ENV)
+    if value is not None:
+        os.environ[TRUST_ENV] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if before is None:
+                os.environ.pop(TRUST_ENV, None)
+            else:
+                os.environ[TRUST_ENV] = before
+
+
 def _run(fn):
     """Call ``fn``; any failure becomes one line on stderr and a non-zero exit status.
 
@@ -51,7 +74,8 @@ def _run(fn):
     --debug`` (or ``MEDCAM_DEBUG=1``) shows the traceback instead.
     """
     try:
-        return fn()
+        with _trusted_bundles():
+            return fn()
     except KeyboardInterrupt:
         click.echo("medcam: interrupted", err=True)
         sys.exit(130)
@@ -80,7 +104,11 @@ def _run(fn):
 @click.version_option(package_name="medcam-monai")
 @click.option("--debug", is_flag=True, envvar="MEDCAM_DEBUG",
               help="Show the full traceback of an error (also MEDCAM_DEBUG=1).")  # fmt: skip
-def main(debug: bool) -> None:
+@click.option("--trusted-bundles", metavar="DIRS", envvar="MEDCAM_TRUSTED_BUNDLES",
+              help="Load --bundle only from inside these folders (separated by "
+              f"'{os.pathsep}'; also MEDCAM_TRUSTED_BUNDLES). A bundle's config runs Python "
+              "code: a bundle elsewhere is refused before it is read.")  # fmt: skip
+def main(debug: bool, trusted_bundles: str | None) -> None:
     """Explain 2D/3D medical-imaging CNNs; heatmaps back in the original scan space."""
 
 

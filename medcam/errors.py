@@ -14,6 +14,7 @@ __all__ = [
     "OutputError",
     "PacsError",
     "TargetError",
+    "TrustError",
 ]
 
 
@@ -48,3 +49,8 @@ class PacsError(MedcamError):
     """A DICOM server (PACS, DICOMweb or DIMSE) is unreachable, refuses the credentials or an
     operation, or went away mid-transfer. Nothing of the job is marked done: a retry completes
     it (derived objects keep their UIDs, so nothing is stored twice)."""
+
+
+class TrustError(MedcamError):
+    """Code medcam was asked to run is outside what the user trusts (a MONAI bundle outside
+    the folders in ``MEDCAM_TRUSTED_BUNDLES``). Nothing of it was read or run."""

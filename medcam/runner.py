@@ -72,11 +72,15 @@ def load_model(
     weights: str | Path | None = None,
     preprocess: str | None = None,
     device: str = "cpu",
+    trusted: str | Sequence[str | Path] | None = None,
 ) -> ModelSpec:
     """Build the network from a bundle, or from ``package.module:factory`` (+ state-dict file).
 
     ``preprocess`` (``package.module:factory``) returns MONAI array transforms for the model
-    input; a bundle's own preprocessing is used when none is given.
+    input; a bundle's own preprocessing is used when none is given. ``trusted``: the folders a
+    bundle may be loaded from (default: ``MEDCAM_TRUSTED_BUNDLES``; see
+    :func:`medcam.bundle.check_trusted`). Weights are read as data only and checked against the
+    network (:func:`medcam.weights.load_weights`).
     """
     if (bundle is None) == (model is None):
         raise MedcamError("Give exactly one of --bundle DIR or --model package.module:factory.")
@@ -84,7 +88,7 @@ def load_model(
     if bundle is not None:
         from medcam.bundle import load_bundle
 
-        b = load_bundle(bundle, device)
+        b = load_bundle(bundle, device, trusted=trusted)
         return ModelSpec(b.network, pre or b.preprocess, f"bundle {Path(bundle).name}",
                          b.input_shape(), b.inferer, b.expect)  # fmt: skip
     factory = _import_object(model, "--model")
@@ -92,13 +96,9 @@ def load_model(
     if not isinstance(network, torch.nn.Module):
         raise ModelError(f"--model {model} returned a {type(network).__name__}, not a nn.Module.")
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(f"The weights in {weights} do not fit {model}: {err}") from err
+        from medcam.weights import load_weights
+
+        load_weights(network, weights, f"--model {model}")
     return ModelSpec(network.to(device).eval(), pre, model)
 
 

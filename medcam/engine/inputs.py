@@ -63,6 +63,11 @@ def _to(v: Any, device: torch.device) -> Any:
     return v
 
 
+class ForwardError(ModelError):
+    """The model's forward raised on the input; the original exception is ``__cause__``
+    (:func:`medcam.engine.inferer.explain_whole` tells a size the network cannot take by it)."""
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     """The arguments of one model call.
@@ -158,7 +163,7 @@ class ModelInputs:
                 else type(x).__name__
             )
             others = f" (and {len(self.args) - 1} other input(s))" if len(self.args) > 1 else ""
-            raise ModelError(
+            raise ForwardError(
                 f"The model's forward failed on the input ({what}){others}: "
                 f"{type(err).__name__}: {err}. {_hint(err)}"
             ) from err

@@ -663,9 +663,19 @@ class CAMHandler:
                 ex = on_source(scan, cam, image, preprocess, self.normalize)
                 case = name_from_path(source) if self.name_from_input else None
                 written = write_outputs(ex, self.output_dir, self.formats, model=network, case=case)
-            except MedcamError as err:
+            except Exception as caught:
+                err = caught
+                if not isinstance(caught, MedcamError):
+                    err = MedcamError(
+                        f"Unexpected {type(caught).__name__} while explaining {source}: "
+                        f"{caught}. This is a bug or a case medcam does not handle yet; the "
+                        "original traceback is this error's cause: please report it."
+                    )
+                    err.__cause__ = caught
                 if self.on_error == "raise":
-                    raise
+                    if err is caught:
+                        raise
+                    raise err from caught
                 logging.getLogger("medcam").error("medcam: no heatmap for %s: %s", source, err)
                 self.failed.append({"input": str(source), "error": str(err)})
                 continue

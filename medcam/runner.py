@@ -125,12 +125,7 @@ def parse_window(
     """Sliding-window options from the command line (``--roi-size 96,96,96``, ...); ``None``
     where none is given. They override a bundle's own inferer settings (see
     :func:`inference_options`)."""
-    size = None
-    if roi_size:
-        try:
-            size = [int(v) for v in roi_size.split(",")]
-        except ValueError:
-            raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+    size = parse_size(roi_size, "--roi-size") if roi_size else None
     if size is None and sw_batch_size is None and overlap is None:
         return None
     return {"roi_size": size, "sw_batch_size": sw_batch_size, "overlap": overlap}

@@ -75,15 +75,19 @@ def test_bundle_run_writes_aligned_heatmaps(
 
 
 def _marked_bundle(dest: Path, marker: Path) -> Path:
-    """The classify3d example bundle whose network_def runs code (creates ``marker``) when
-    MONAI evaluates it, as any `$` expression can."""
+    """The classify3d example bundle whose network_def and preprocessing run code (create
+    ``marker``) when MONAI evaluates them, as any `$` expression can."""
     import json
     import shutil
 
     shutil.copytree(ROOT / "examples" / "bundles" / "classify3d", dest)
     config = dest / "configs" / "inference.json"
     data = json.loads(config.read_text())
-    data["network_def"]["in_channels"] = f"$__import__('pathlib').Path(r'{marker}').touch() or 1"
+    touch = f"$__import__('pathlib').Path(r'{marker}').touch()"
+    data["network_def"]["in_channels"] = f"{touch} or 1"
+    scale = data["preprocessing"]["transforms"][4]
+    assert scale["_target_"] == "ScaleIntensityRanged"
+    scale["a_min"] = f"{touch} or {scale['a_min']}"
     config.write_text(json.dumps(data, indent=4))
     return dest
 
@@ -168,9 +172,10 @@ def test_every_command_refuses_an_untrusted_bundle(tmp_path, phantom_cases):
 
 @pytest.mark.slow
 def test_monai_bundle_run_refuses_an_untrusted_bundle(tmp_path, phantom_cases):
-    """Under `python -m monai.bundle run` with configs/medcam.json the handler refuses a bundle
-    outside MEDCAM_TRUSTED_BUNDLES when it is built, before the evaluator and its network: the
-    network_def's code never runs and nothing is written."""
+    """Under `python -m monai.bundle run` with configs/medcam.json, a bundle outside
+    MEDCAM_TRUSTED_BUNDLES is refused by the first step medcam adds to `initialize`, before the
+    handler, the preprocessing, the evaluator and its network are built: their code never runs
+    and nothing is written."""
     import os
 
     marker = tmp_path / "ran"
@@ -186,3 +191,39 @@ def test_monai_bundle_run_refuses_an_untrusted_bundle(tmp_path, phantom_cases):
     assert "TrustError" in done.stderr and "Refused to load the bundle" in done.stderr
     assert not marker.exists()
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_the_handler_turns_an_unforeseen_failure_into_a_medcam_error(
+    tmp_path, phantom_cases, monkeypatch
+):
+    """A failure medcam does not foresee (simulated: a ZeroDivisionError where the map is put
+    back on the scan) is a MedcamError naming the case, its cause the original; with
+    on_error="log" the case is recorded as failed and nothing is written."""
+    from types import SimpleNamespace
+
+    from monai.transforms import LoadImage
+
+    import medcam.space
+    from medcam.bundle import CAMHandler, load_bundle
+    from medcam.errors import MedcamError
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated")
+
+    monkeypatch.setattr(medcam.space, "on_source", broken)
+    network = load_bundle(ROOT / "examples" / "bundles" / "classify3d").network
+    scan = sorted(phantom_cases[0].glob("*.nii.gz"))[0]
+    image = LoadImage(ensure_channel_first=True, image_only=True)(str(scan))
+    engine = SimpleNamespace(  # what the handler reads from a MONAI evaluator
+        network=network,
+        state=SimpleNamespace(batch=[{"image": image}]),
+        data_loader=SimpleNamespace(dataset=SimpleNamespace(transform=None)),
+    )
+    raising = CAMHandler(tmp_path / "a", target=1, formats=["nifti", "json"])
+    with pytest.raises(MedcamError, match="Unexpected ZeroDivisionError while explaining") as info:
+        raising(engine)
+    assert str(scan) in str(info.value) and isinstance(info.value.__cause__, ZeroDivisionError)
+    logging = CAMHandler(tmp_path / "b", target=1, formats=["nifti", "json"], on_error="log")
+    logging(engine)
+    assert [f["input"] for f in logging.failed] == [str(scan)] and not logging.written
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))

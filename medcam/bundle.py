@@ -147,8 +147,8 @@ def check_trusted(root: str | Path, trusted: str | Sequence[str | Path] | None =
         + (f" (resolves to {real})" if str(real) != str(Path(root)) else "")
         + f": it is outside the folders bundles may be loaded from ({source}: "
         + f"{os.pathsep.join(map(str, folders))}). A bundle's config runs Python code, so "
-        "nothing of it was read. Copy the bundle into a trusted folder after reviewing it, or "
-        f"add its folder to {TRUST_ENV}."
+        "medcam does not run it. Review the bundle, then copy it into a trusted folder or add "
+        f"its folder to {TRUST_ENV}."
     )
 
 

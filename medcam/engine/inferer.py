@@ -168,8 +168,10 @@ def explain_whole(explainer: Explainer, x: torch.Tensor, target: Any) -> CAMResu
     try:
         return explainer(x, target_fn)
     except ForwardError as err:  # the forward raised: maybe a size the network cannot take
-        if not isinstance(err.__cause__, _SIZE_ERRORS):
-            raise
+        if not isinstance(err.__cause__, _SIZE_ERRORS) or isinstance(
+            err.__cause__, torch.OutOfMemoryError
+        ):
+            raise  # out of memory: the error's hint (sliding windows) is the answer
         first_error = err.__cause__
     except MedcamError:
         raise

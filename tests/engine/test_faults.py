@@ -134,6 +134,21 @@ def test_a_model_that_raises_is_a_model_error_naming_the_input(error):
         medcam.list_layers(net, x)
 
 
+def test_out_of_memory_in_a_whole_volume_pass_says_to_use_sliding_windows():
+    """The whole-volume path (what explain_scan and the CLI run without a window) does not try
+    padded sizes after an out-of-memory error: one forward, and the error's hint."""
+    from medcam.engine.inferer import explain_whole
+
+    calls = []
+    net = Raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")).eval()
+    counter = net.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(medcam.ModelError, match="sliding windows") as err:
+        explain_whole(medcam.Explainer(net, "conv", "gradcam"), torch.zeros(1, 2, 9, 9), 0)
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+    counter.remove()
+    assert len(calls) == 1 and count_hooks(net) == 0
+
+
 def test_batch_norm_with_a_batch_of_one_in_training_mode_says_what_to_do():
     torch.manual_seed(0)
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]

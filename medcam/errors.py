@@ -42,7 +42,14 @@ class InputError(MedcamError, ValueError):
 
 
 class OutputError(MedcamError, OSError):
-    """An output cannot be written (folder not writable, would replace an input file, ...)."""
+    """An output cannot be written (folder not writable, would replace an input file, ...).
+
+    ``errno`` / ``strerror`` / ``filename`` may be set from the failed call (so callers can tell
+    a full disk from a refusal); the message stays medcam's.
+    """
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] ...: None" once errno is set
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class PacsError(MedcamError):

@@ -27,6 +27,7 @@ from medcam.errors import (
     OutputError,
     PacsError,
     TargetError,
+    TrustError,
 )
 from medcam.io import Scan, load_scan
 from medcam.space import ScanExplanation, explain_scan
@@ -50,6 +51,7 @@ __all__ = [
     "ScanExplanation",
     "SegmentationTarget",
     "TargetError",
+    "TrustError",
     "__version__",
     "explain",
     "explain_scan",

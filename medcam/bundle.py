@@ -26,10 +26,20 @@ from typing import Any
 
 import torch
 
-from medcam.errors import MedcamError, ModelError
+from medcam.errors import MedcamError, ModelError, TrustError
 
-__all__ = ["Bundle", "CAMHandler", "DictPreprocess", "bundle_imports", "load_bundle"]
+__all__ = [
+    "TRUST_ENV",
+    "Bundle",
+    "CAMHandler",
+    "DictPreprocess",
+    "bundle_imports",
+    "check_trusted",
+    "load_bundle",
+]
 
+# Folders (separated like PATH: ':' on Linux/macOS, ';' on Windows) bundles may be loaded from.
+TRUST_ENV = "MEDCAM_TRUSTED_BUNDLES"
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 # Transforms that read files or add the channel axis: load_scan has done both already.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
@@ -103,6 +113,45 @@ class Bundle:
         return None
 
 
+def _trusted_folders(trusted: str | Sequence[str | Path] | None) -> list[Path]:
+    if trusted is None:
+        trusted = os.environ.get(TRUST_ENV, "")
+    if isinstance(trusted, (str, Path)):
+        trusted = [p for p in str(trusted).split(os.pathsep)]
+    return [Path(p).expanduser().resolve() for p in trusted if str(p).strip()]
+
+
+def check_trusted(root: str | Path, trusted: str | Sequence[str | Path] | None = None) -> None:
+    """Refuse a bundle outside the trusted folders, before anything of it is read.
+
+    A bundle is code: its config's ``$`` expressions are Python that MONAI evaluates, and its
+    ``scripts/`` package is imported. ``trusted`` (default: the ``MEDCAM_TRUSTED_BUNDLES``
+    environment variable, folders separated by ``os.pathsep``) lists the folders bundles may
+    be loaded from; unset or empty, any bundle is loaded (as in MONAI). Symbolic links are
+    resolved first, so a link inside a trusted folder to a bundle outside it is refused.
+
+    Raises
+    ------
+    TrustError
+        The bundle folder is not inside one of the trusted folders.
+    """
+    folders = _trusted_folders(trusted)
+    if not folders:
+        return
+    real = Path(root).expanduser().resolve()
+    if any(real == f or f in real.parents for f in folders):
+        return
+    source = "--trusted-bundles / " + TRUST_ENV if trusted is None else "the trusted folders"
+    raise TrustError(
+        f"Refused to load the bundle {root}"
+        + (f" (resolves to {real})" if str(real) != str(Path(root)) else "")
+        + f": it is outside the folders bundles may be loaded from ({source}: "
+        + f"{os.pathsep.join(map(str, folders))}). A bundle's config runs Python code, so "
+        "medcam does not run it. Review the bundle, then copy it into a trusted folder or add "
+        f"its folder to {TRUST_ENV}."
+    )
+
+
 def _config_file(root: Path) -> Path:
     for name in CONFIG_NAMES:
         if (root / "configs" / name).exists():
@@ -111,14 +160,6 @@ def _config_file(root: Path) -> Path:
         f"{root} has no configs/inference.json (or .yaml); point --bundle at a MONAI bundle "
         "folder (the one holding configs/ and models/)."
     )
-
-
-def _state_dict(obj: Any) -> dict:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "network"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-    return obj
 
 
 @contextlib.contextmanager
@@ -217,26 +258,39 @@ def _preprocessing(parser: Any, root: Path) -> Any:
         ) from err
 
 
-def load_bundle(root: str | Path, device: str | torch.device = "cpu", image_key: str = "image"):
+def load_bundle(
+    root: str | Path,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+    trusted: str | Sequence[str | Path] | None = None,
+):
     """Load a MONAI bundle's eager network (with weights, eval mode), its preprocessing, its
     inferer and what input its network takes.
 
     The bundle's ``scripts/`` package is importable while the network is built, as under
-    ``python -m monai.bundle run``.
+    ``python -m monai.bundle run``. Loading a bundle runs its code (the ``$`` expressions of its
+    config, its ``scripts/``): load only bundles you trust. ``trusted`` (default: the
+    ``MEDCAM_TRUSTED_BUNDLES`` environment variable) restricts the folders bundles are loaded
+    from (see :func:`check_trusted`). The weights are read as data only (see
+    :func:`medcam.weights.load_weights`).
 
     Raises
     ------
+    TrustError
+        The bundle is outside the trusted folders (checked before anything of it is read).
     ModelError
         When the bundle ships only TorchScript (``models/model.ts``): hooks cannot be placed in
         a TorchScript module, so medcam needs ``network_def`` + ``models/model.pt``; when the
-        network cannot be built or the weights do not fit it.
+        network cannot be built, or its weights are refused, unreadable or do not fit it.
     """
     import json
 
     from monai.bundle import ConfigParser
 
     from medcam.engine.sliding import SlidingWindow
+    from medcam.weights import load_weights
 
+    check_trusted(root, trusted)
     root = Path(root)
     parser = ConfigParser()
     parser.read_config(str(_config_file(root)))
@@ -258,14 +312,7 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu", image_key:
         raise ModelError(f"{root}'s inference config has no 'network_def' to build the network.")
     with bundle_imports(root):
         network = _build_network(parser, root)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            network.load_state_dict(_state_dict(state))
-        except RuntimeError as err:
-            raise ModelError(
-                f"The weights in {weights} do not fit the bundle's network_def: "
-                f"{str(err).splitlines()[0]}"
-            ) from err
+        load_weights(network, weights, f"the network_def of bundle {root}")
         network = network.to(device).eval()
         preprocess = None
         if "preprocessing" in parser.config:
@@ -337,6 +384,44 @@ def _image_saver_folder(engine: Any) -> str | None:
     return None
 
 
+def _check_checkpoints(engine: Any) -> None:
+    """Check the weights each ``CheckpointLoader`` of the engine will load, before the run.
+
+    MONAI's loader reads them with ``weights_only=True`` too, but only when the run starts, and
+    a mismatch surfaces as a raw ``load_state_dict`` error; here a refused pickle, an
+    unreadable file or weights that do not fit are a :class:`ModelError` naming the file and
+    the keys, before any case. Loaders set to ``strict=False`` or ``strict_shape=False`` are
+    left to MONAI (they load what fits on purpose).
+    """
+    from collections.abc import Mapping
+
+    from monai.handlers import CheckpointLoader
+
+    from medcam.weights import as_state_dict, check_fits, read_checkpoint
+
+    for handlers in getattr(engine, "_event_handlers", {}).values():
+        for func, _, _ in handlers:
+            if not isinstance(func, CheckpointLoader) or len(func.load_dict) != 1:
+                continue
+            if not (getattr(func, "strict", True) and getattr(func, "strict_shape", True)):
+                continue
+            ((key, network),) = func.load_dict.items()
+            if not isinstance(network, torch.nn.Module):
+                continue
+            path = func.load_path
+            checkpoint = read_checkpoint(path)
+            # as CheckpointLoader: a file without the load_dict key is that one object
+            if isinstance(checkpoint, Mapping) and key in checkpoint:
+                checkpoint = checkpoint[key]
+            state = as_state_dict(checkpoint, path, unwrap=False)
+            if isinstance(
+                network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+            ):
+                network = network.module
+            check_fits(network, state, path,
+                       f"the bundle's network ({type(network).__name__})")  # fmt: skip
+
+
 class CAMHandler:
     """Ignite handler computing heatmaps for each evaluator batch and writing them.
 
@@ -383,6 +468,11 @@ class CAMHandler:
     on_error:
         ``"raise"`` (default) stops the bundle run on a case medcam cannot explain; ``"log"``
         logs the error and lets the bundle go on (the failed cases are in ``self.failed``).
+    trusted:
+        Folders bundles may run from (default: ``MEDCAM_TRUSTED_BUNDLES``); a ``bundle_root``
+        outside them is refused when the handler is built, before the evaluator and its
+        network are (see :func:`check_trusted` and docs/bundles.md for what MONAI has run by
+        then).
     """
 
     def __init__(
@@ -405,9 +495,13 @@ class CAMHandler:
         overlap: float | None = None,
         on_error: str = "raise",
         bundle_root: str | Path | None = None,
+        trusted: str | Sequence[str | Path] | None = None,
     ) -> None:
         from medcam.runner import parse_target
         from medcam.writers.registry import check_formats
+
+        if bundle_root is not None:
+            check_trusted(bundle_root, trusted)
 
         check_formats(formats)
         if on_error not in ("raise", "log"):
@@ -451,6 +545,7 @@ class CAMHandler:
         from ignite.engine import Events
         from monai.engines.utils import IterationEvents
 
+        _check_checkpoints(engine)
         if self.output_dir is None:
             found = _bundle_output_dir() or _image_saver_folder(engine)
             root = Path(self.bundle_root or ".")
@@ -568,9 +663,19 @@ class CAMHandler:
                 ex = on_source(scan, cam, image, preprocess, self.normalize)
                 case = name_from_path(source) if self.name_from_input else None
                 written = write_outputs(ex, self.output_dir, self.formats, model=network, case=case)
-            except MedcamError as err:
+            except Exception as caught:
+                err = caught
+                if not isinstance(caught, MedcamError):
+                    err = MedcamError(
+                        f"Unexpected {type(caught).__name__} while explaining {source}: "
+                        f"{caught}. This is a bug or a case medcam does not handle yet; the "
+                        "original traceback is this error's cause: please report it."
+                    )
+                    err.__cause__ = caught
                 if self.on_error == "raise":
-                    raise
+                    if err is caught:
+                        raise
+                    raise err from caught
                 logging.getLogger("medcam").error("medcam: no heatmap for %s: %s", source, err)
                 self.failed.append({"input": str(source), "error": str(err)})
                 continue

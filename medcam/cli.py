@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().params.get("debug"))
 
 
+@contextlib.contextmanager
+def _trusted_bundles():
+    """``medcam --trusted-bundles DIRS`` for every bundle the command loads: set as
+    ``MEDCAM_TRUSTED_BUNDLES`` (read by :func:`medcam.bundle.check_trusted`) while it runs."""
+    from medcam.bundle import TRUST_ENV
+
+    ctx = click.get_current_context(silent=True)
+    value = ctx.find_root().params.get("trusted_bundles") if ctx else None
+    before = os.environ.get(TRUST_ENV)
+    if value is not None:
+        os.environ[TRUST_ENV] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if before is None:
+                os.environ.pop(TRUST_ENV, None)
+            else:
+                os.environ[TRUST_ENV] = before
+
+
 def _run(fn):
     """Call ``fn``; any failure becomes one line on stderr and a non-zero exit status.
 
@@ -51,7 +74,8 @@ def _run(fn):
     --debug`` (or ``MEDCAM_DEBUG=1``) shows the traceback instead.
     """
     try:
-        return fn()
+        with _trusted_bundles():
+            return fn()
     except KeyboardInterrupt:
         click.echo("medcam: interrupted", err=True)
         sys.exit(130)
@@ -80,7 +104,11 @@ def _run(fn):
 @click.version_option(package_name="medcam-monai")
 @click.option("--debug", is_flag=True, envvar="MEDCAM_DEBUG",
               help="Show the full traceback of an error (also MEDCAM_DEBUG=1).")  # fmt: skip
-def main(debug: bool) -> None:
+@click.option("--trusted-bundles", metavar="DIRS", envvar="MEDCAM_TRUSTED_BUNDLES",
+              help="Load --bundle only from inside these folders (separated by "
+              f"'{os.pathsep}'; also MEDCAM_TRUSTED_BUNDLES). A bundle's config runs Python "
+              "code: a bundle elsewhere is refused before it is read.")  # fmt: skip
+def main(debug: bool, trusted_bundles: str | None) -> None:
     """Explain 2D/3D medical-imaging CNNs; heatmaps back in the original scan space."""
 
 
@@ -287,7 +315,7 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
 
     def work():
         if show_status:
-            journal = Journal(Path(state) / "journal.sqlite3")
+            journal = Journal(Path(state) / "journal.sqlite3", create=False)
             counts = journal.counts()
             click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs")
             for job in journal.jobs():
@@ -388,6 +416,7 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
             method, target, registration, threshold, threshold_fraction, formats, strict,
             mr) -> None:  # fmt: skip
     """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
+    from medcam.io.output import OutputDir
     from medcam.longitudinal import compare as run_compare
     from medcam.longitudinal.report import finding_summary, summary_findings, visit_summary
     from medcam.longitudinal.timepoint import parse_date
@@ -407,6 +436,7 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
                 if d is not None:
                     parse_date(d, Path(v).name)  # a bad date fails before any model runs
             entries = [{"scan": v, "date": d} for v, d in zip(visits, date_list, strict=True)]
+        OutputDir(out)  # a folder that cannot be written fails before any model runs
         spec = None
         if bundle or model_spec:
             spec = load_model(bundle=bundle, model=model_spec, weights=weights,

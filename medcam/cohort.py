@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medcam import __version__
-from medcam.errors import InputError, MedcamError
+from medcam.errors import InputError, MedcamError, OutputError
 from medcam.io.output import OutputDir, safe_name
 
 __all__ = [
@@ -60,10 +60,12 @@ class Case:
 def read_cohort_manifest(path: str | Path) -> list[Case]:
     """Read and check a cohort manifest CSV (columns ``case_id``, ``input``, optional ``target``
     and ``mask``); every problem is reported before any work starts."""
+    from medcam.runner import manifest_errors
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"The manifest {path} does not exist.")
-    with open(path, newline="") as f:
+    with manifest_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in ("case_id", "input") if c not in columns]
@@ -206,8 +208,16 @@ def run_cohort(
                           traceback=traceback.format_exc(limit=5), finished=_now())  # fmt: skip
             counts["failed"] += 1
             log(f"[rank {rank}] {case.case_id} failed: {type(err).__name__}: {err}")
-        with root.case(case.case_id) as stage:  # a failed run leaves only its record
-            _write_record(stage, record)
+        try:
+            with root.case(case.case_id) as stage:  # a failed run leaves only its record
+                _write_record(stage, record)
+        except OSError as err:  # the folder itself fails (a full disk): stop the run
+            raise OutputError(
+                f"Case {case.case_id} failed ({record['error']}), and its failure cannot be "
+                f"recorded in {root.path} either ({err.strerror or err}); the rank stops. "
+                "Nothing of the case was written. Free space or fix the output folder, then "
+                "run the cohort again: finished cases are skipped."
+            ) from err
     return counts
 
 

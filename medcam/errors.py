@@ -14,6 +14,7 @@ __all__ = [
     "OutputError",
     "PacsError",
     "TargetError",
+    "TrustError",
 ]
 
 
@@ -41,10 +42,22 @@ class InputError(MedcamError, ValueError):
 
 
 class OutputError(MedcamError, OSError):
-    """An output cannot be written (folder not writable, would replace an input file, ...)."""
+    """An output cannot be written (folder not writable, would replace an input file, ...).
+
+    ``errno`` / ``strerror`` / ``filename`` may be set from the failed call (so callers can tell
+    a full disk from a refusal); the message stays medcam's.
+    """
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] ...: None" once errno is set
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class PacsError(MedcamError):
     """A DICOM server (PACS, DICOMweb or DIMSE) is unreachable, refuses the credentials or an
     operation, or went away mid-transfer. Nothing of the job is marked done: a retry completes
     it (derived objects keep their UIDs, so nothing is stored twice)."""
+
+
+class TrustError(MedcamError):
+    """Code medcam was asked to run is outside what the user trusts (a MONAI bundle outside
+    the folders in ``MEDCAM_TRUSTED_BUNDLES``). Nothing of it was read or run."""

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medcam.errors import InputError, MedcamError, ModelError
+
 __all__ = [
     "deletion_auc",
     "energy_pointing_game",
@@ -41,7 +43,10 @@ def _batched(heat: Any, mask: Any, spatial_rank: int | None) -> tuple[torch.Tens
     h = torch.as_tensor(np.asarray(heat) if not isinstance(heat, torch.Tensor) else heat).float()
     m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).bool()
     if h.shape != m.shape:
-        raise ValueError(f"heatmap {tuple(h.shape)} and mask {tuple(m.shape)} differ in shape.")
+        raise InputError(
+            f"heatmap {tuple(h.shape)} and mask {tuple(m.shape)} differ in shape; put the mask "
+            "on the heatmap's grid (e.g. ScanExplanation.heatmap is on the scan's grid)."
+        )
     rank = spatial_rank or (h.ndim if h.ndim <= 3 else h.ndim - 1)
     if h.ndim == rank:
         h, m = h[None], m[None]
@@ -111,7 +116,13 @@ def _curve(score_fn, x, heat, steps, order, baseline, insert, seed, batch_size):
         g = torch.Generator().manual_seed(seed)
         ranking = torch.randperm(n, generator=g)
     else:
-        raise ValueError("order must be 'heat' or 'random'")
+        raise InputError(f"order must be 'heat' or 'random', not {order!r}.")
+    if n != int(np.prod(x.shape[1:])) or steps < 1:
+        raise InputError(
+            f"heat has {n} voxels but the input {tuple(x.shape)} has "
+            f"{int(np.prod(x.shape[1:]))} per channel (give x as (C, *spatial) and the heatmap "
+            f"on its grid), or steps={steps} < 1."
+        )
     counts = [round(i * n / steps) for i in range(steps + 1)]
     start = torch.full_like(x, float(baseline)) if insert else x.clone()
     source = x if insert else torch.full_like(x, float(baseline))
@@ -124,9 +135,22 @@ def _curve(score_fn, x, heat, steps, order, baseline, insert, seed, batch_size):
     scores = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):
-            scores.append(
-                torch.as_tensor(score_fn(torch.stack(inputs[i : i + batch_size]))).float()
-            )
+            batch = torch.stack(inputs[i : i + batch_size])
+            try:
+                got = torch.as_tensor(score_fn(batch)).float().reshape(-1)
+            except MedcamError:
+                raise
+            except Exception as err:
+                raise ModelError(
+                    f"score_fn failed on a batch of shape {tuple(batch.shape)}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if got.numel() != len(batch):
+                raise InputError(
+                    f"score_fn returned {got.numel()} values for a batch of {len(batch)}; it "
+                    "must return one score per input, shape (N,)."
+                )
+            scores.append(got)
     y = torch.cat(scores).cpu().numpy()
     fr = np.asarray(counts, float) / n
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(fr))), y
@@ -174,10 +198,12 @@ def randomized_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """A deep copy of ``model`` with every resettable layer re-initialised (the original is
     untouched)."""
     clone = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for m in clone.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    cuda = sorted({p.device.index or 0 for p in clone.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     return clone
 
 

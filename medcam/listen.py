@@ -14,8 +14,9 @@ What a PACS administrator can rely on:
   are sent again, and delivered series are never sent again. Results carry UIDs derived from
   the source instances, the model and the settings, so a resent result is stored once.
 - **One bad series never stops the node.** A series the model cannot take is marked
-  ``failed`` with the reason (its files are kept for inspection); a destination that is down
-  is retried with growing delays, up to ``max_attempts`` times.
+  ``failed`` with the reason (its files are kept for inspection); a destination that is down,
+  or a local disk that is full or read-only when the results are written, is retried with
+  growing delays, up to ``max_attempts`` times.
 - **No patient data in logs.** Series are named by the end of their UID.
 """
 
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medcam.errors import MedcamError, PacsError
+from medcam.errors import MedcamError, OutputError, PacsError
 from medcam.pacs import DEFAULT_AE_TITLE, check_ae_title
 from medcam.sinks.base import WrittenCase
 
@@ -76,13 +77,24 @@ class Journal:
     same instances were already explained and delivered).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        if not create and not self.path.is_file():
+            raise MedcamError(
+                f"No journal at {self.path}: give the --state folder of a node that has run "
+                "(medcam listen --state DIR)."
+            )
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            raise MedcamError(
+                f"Cannot open the journal {self.path} ({err}); check that the state folder is "
+                "on a local disk with free space and that no other program holds the file."
+            ) from err
 
     def close(self) -> None:
         with self._lock:
@@ -144,10 +156,9 @@ class Journal:
         return [str(r["key"]) for r in rows]
 
     def next_job(self) -> sqlite3.Row | None:
-        """The oldest job with work to do now (queued, or explained and due for delivery)."""
+        """The oldest job with work to do now (queued or explained, and due)."""
         rows = self._exec(
-            "SELECT * FROM jobs WHERE (state = ? OR (state = ? AND next_try <= ?)) "
-            "ORDER BY first_at LIMIT 1",
+            "SELECT * FROM jobs WHERE state IN (?, ?) AND next_try <= ? ORDER BY first_at LIMIT 1",
             (QUEUED, EXPLAINED, time.time()),
         )
         return rows[0] if rows else None
@@ -400,20 +411,35 @@ class Listener:
             if not folder.is_dir():
                 raise MedcamError("its received files are missing from the state folder")
             written = self.pipeline.explain(folder, self.outbox, case)
-        except Exception as err:
-            self.journal.set(key, state=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
-            self.log(f"{label}: cannot be explained: {err}")
+        except OutputError as err:
+            if err.errno is None:  # a refusal, not the disk: as any other failure
+                return self._failed(key, label, err)
+            attempts = int(job["attempts"]) + 1  # the node's disk (full, read-only): retry
+            if attempts >= self.max_attempts:
+                return self._failed(key, label, err)
+            delay = min(300.0, self.retry_delay * 2 ** (attempts - 1))
+            self.journal.set(key, state=QUEUED, attempts=attempts, next_try=time.time() + delay,
+                             error=str(err)[:2000])  # fmt: skip
+            self.log(f"{label}: cannot write its results ({err.strerror}); retry in {delay:.0f} s")
             return False
+        except Exception as err:
+            return self._failed(key, label, err)
         outputs = {f: [str(p) for p in paths] for f, paths in written.outputs.items()}
         self.journal.set(
             key,
             state=EXPLAINED,
             case_name=case,
+            attempts=0,
             next_try=0,
             outputs=json.dumps({"study": written.study_uid, "outputs": outputs}),
         )
         self.log(f"{label}: explained")
         return True
+
+    def _failed(self, key: str, label: str, err: Exception) -> bool:
+        self.journal.set(key, state=FAILED, error=f"{type(err).__name__}: {err}"[:2000])
+        self.log(f"{label}: cannot be explained: {err}")
+        return False
 
     def _deliver(self, job, label: str) -> None:
         key = str(job["key"])

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcam.errors import InputError, MedcamError, ModelError, PacsError
+from medcam.errors import InputError, MedcamError, ModelError, OutputError, PacsError
 from medcam.sinks.base import Sink, WrittenCase
 from medcam.sources.base import SeriesFilter, SeriesRef, Source, is_medcam_result
 
@@ -255,8 +255,8 @@ def explain_study(
             case = series_case_name(ref.series_uid)
             try:
                 written = pipeline.run_series(source, ref, outbox, case)
-            except PacsError:
-                raise
+            except (PacsError, OutputError):
+                raise  # the server or the output folder: every further series would fail too
             except MedcamError as err:
                 if series_filter.series_uids:
                     raise

@@ -5,8 +5,9 @@ The CLI (``medcam explain``) and cohort runs call these; they hold no logic of t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,15 @@ def load_model(
     weights: str | Path | None = None,
     preprocess: str | None = None,
     device: str = "cpu",
+    trusted: str | Sequence[str | Path] | None = None,
 ) -> ModelSpec:
     """Build the network from a bundle, or from ``package.module:factory`` (+ state-dict file).
 
     ``preprocess`` (``package.module:factory``) returns MONAI array transforms for the model
-    input; a bundle's own preprocessing is used when none is given.
+    input; a bundle's own preprocessing is used when none is given. ``trusted``: the folders a
+    bundle may be loaded from (default: ``MEDCAM_TRUSTED_BUNDLES``; see
+    :func:`medcam.bundle.check_trusted`). Weights are read as data only and checked against the
+    network (:func:`medcam.weights.load_weights`).
     """
     if (bundle is None) == (model is None):
         raise MedcamError("Give exactly one of --bundle DIR or --model package.module:factory.")
@@ -83,7 +88,7 @@ def load_model(
     if bundle is not None:
         from medcam.bundle import load_bundle
 
-        b = load_bundle(bundle, device)
+        b = load_bundle(bundle, device, trusted=trusted)
         return ModelSpec(b.network, pre or b.preprocess, f"bundle {Path(bundle).name}",
                          b.input_shape(), b.inferer, b.expect)  # fmt: skip
     factory = _import_object(model, "--model")
@@ -91,13 +96,9 @@ def load_model(
     if not isinstance(network, torch.nn.Module):
         raise ModelError(f"--model {model} returned a {type(network).__name__}, not a nn.Module.")
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(f"The weights in {weights} do not fit {model}: {err}") from err
+        from medcam.weights import load_weights
+
+        load_weights(network, weights, f"--model {model}")
     return ModelSpec(network.to(device).eval(), pre, model)
 
 
@@ -124,12 +125,7 @@ def parse_window(
     """Sliding-window options from the command line (``--roi-size 96,96,96``, ...); ``None``
     where none is given. They override a bundle's own inferer settings (see
     :func:`inference_options`)."""
-    size = None
-    if roi_size:
-        try:
-            size = [int(v) for v in roi_size.split(",")]
-        except ValueError:
-            raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+    size = parse_size(roi_size, "--roi-size") if roi_size else None
     if size is None and sw_batch_size is None and overlap is None:
         return None
     return {"roi_size": size, "sw_batch_size": sw_batch_size, "overlap": overlap}
@@ -340,6 +336,21 @@ def explain_inputs(
     return records
 
 
+@contextlib.contextmanager
+def manifest_errors(path: Path) -> Iterator[None]:
+    """A manifest that cannot be read (missing, unreadable, not UTF-8 text, malformed CSV) as an
+    :class:`InputError` naming it."""
+    import csv
+
+    try:
+        yield
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise InputError(
+            f"Cannot read the manifest {path} ({why}). Give a UTF-8 CSV file with a header row."
+        ) from err
+
+
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
 
@@ -351,7 +362,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     from medcam.longitudinal.timepoint import parse_date
 
     path = Path(path)
-    with open(path, newline="") as f:
+    with manifest_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         if "scan" not in columns:

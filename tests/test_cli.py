@@ -225,3 +225,20 @@ def test_layers_input_size_is_checked():
         )
         assert result.exit_code == 2, (bad, result.output)
         assert "--input-size" in result.output and "positive integers" in result.output
+
+
+def test_window_options_are_checked_before_the_model_runs(tmp_path, phantom_cases):
+    """A size that is not 2 or 3 positive integers, an overlap outside [0, 1), a batch of no
+    windows: one line, exit 2, no output folder."""
+    scan = str(sorted(phantom_cases[0].glob("*.nii.gz"))[0])
+    model = ["--model", "tests.helpers:intensity_cam_3d"]
+    for bad in (["--roi-size", "0,16,16"], ["--roi-size", "-4,16,16"], ["--roi-size", "16,,16"],
+                ["--roi-size", "16"], ["--roi-size", "16,16,16", "--overlap", "1.0"],
+                ["--roi-size", "16,16,16", "--overlap", "-0.1"],
+                ["--roi-size", "16,16,16", "--sw-batch-size", "0"]):  # fmt: skip
+        out = tmp_path / "out"
+        result = CliRunner().invoke(main, ["explain", scan, "--out", str(out), *model, *bad])
+        assert result.exit_code == 2, (bad, result.output)
+        lines = [line for line in result.output.splitlines() if line.startswith("medcam:")]
+        assert len(lines) == 1 and lines[0].startswith("medcam: error: "), (bad, result.output)
+        assert not out.exists() or not any(out.iterdir()), bad

@@ -86,3 +86,38 @@ def test_randomization_sanity_check():
     assert not torch.equal(clone.fc.weight, net.fc.weight)
     assert ev.spearman(np.arange(10), np.arange(10) ** 2) == pytest.approx(1.0)
     assert ev.spearman(np.arange(10), -np.arange(10.0)) == pytest.approx(-1.0)
+
+
+def test_bad_arguments_are_medcam_errors():
+    import medcam
+    from medcam import evaluate
+
+    with pytest.raises(medcam.InputError, match="differ in shape"):
+        evaluate.pointing_game(np.zeros((4, 4)), np.zeros((4, 5), bool))
+    x = torch.zeros(1, 4, 4)
+    with pytest.raises(medcam.InputError, match="order"):
+        evaluate.deletion_auc(lambda b: b.mean((1, 2, 3)), x, torch.zeros(4, 4), order="best")
+    with pytest.raises(medcam.InputError, match="16 per channel"):
+        evaluate.deletion_auc(lambda b: b.mean((1, 2, 3)), x, torch.zeros(5, 4))
+    with pytest.raises(medcam.InputError, match="one score per input"):
+        evaluate.insertion_auc(lambda b: b.mean((2, 3)).repeat(1, 2), x, torch.zeros(4, 4))
+
+    def broken(batch):
+        raise RuntimeError("model on another device")
+
+    with pytest.raises(medcam.ModelError, match="another device") as err:
+        evaluate.deletion_auc(broken, x, torch.zeros(4, 4))
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_randomized_copy_leaves_the_callers_random_state():
+    from medcam import evaluate
+
+    net = torch.nn.Conv2d(1, 2, 3)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    copy = evaluate.randomized_copy(net, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    again = evaluate.randomized_copy(net, seed=7)
+    assert torch.equal(copy.weight, again.weight) and not torch.equal(copy.weight, net.weight)

@@ -261,3 +261,75 @@ def test_listen_command(spec, study, tmp_path, monkeypatch):
             "--state", str(tmp_path / "s2"), *DEMO_MODEL_ARGS]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "Cannot reach the DICOM peer" in result.output
+
+
+def test_a_full_disk_while_writing_results_is_retried_not_failed(tmp_path):
+    """The node's own disk fills while a series' results are written: the series goes back to
+    the queue with a delay (attempts counted) and is explained once there is room; a refusal
+    that is not the disk fails the series at once."""
+    import errno
+
+    from medcam.errors import OutputError
+    from medcam.listen import DONE, FAILED, QUEUED
+
+    class DiskFullOnce:
+        def __init__(self, failures: int, refusal: bool = False) -> None:
+            self.failures, self.refusal, self.sinks = failures, refusal, []
+
+        def explain(self, folder, outbox, case):
+            if self.failures:
+                self.failures -= 1
+                err = OutputError("Writing the nifti output failed: No space left on device.")
+                if not self.refusal:
+                    err.errno, err.strerror = errno.ENOSPC, "No space left on device"
+                raise err
+            (Path(outbox) / case).mkdir(parents=True)
+            return WrittenCase(case, Path(outbox) / case, {}, "1.2.3")
+
+        def deliver(self, case):
+            return 0
+
+    def queued_job(listener):
+        key = listener.journal.receiving_job("1.2.3", "1.2.3.4", 16)
+        (listener.inbox / key).mkdir()
+        (listener.inbox / key / "a.dcm").write_bytes(b"x")
+        listener.journal.received(key)
+        listener.journal.set(key, state=QUEUED)
+        return key
+
+    logs: list[str] = []
+    listener = Listener(DiskFullOnce(2), tmp_path / "state", retry_delay=0.05, log=logs.append)
+    key = queued_job(listener)
+    for attempt in (1, 2):
+        listener.run_job(listener.journal.get(key))
+        job = listener.journal.get(key)
+        assert job["state"] == QUEUED and job["attempts"] == attempt
+        assert "No space left" in job["error"] and job["next_try"] > time.time() - 0.01
+        assert listener.journal.next_job() is None  # not due yet
+        time.sleep(0.05 * 2**attempt)
+    assert "retry in" in logs[0]
+    listener.run_job(listener.journal.next_job())
+    assert listener.journal.get(key)["state"] == DONE
+    listener.journal.close()
+
+    refused = Listener(DiskFullOnce(1, refusal=True), tmp_path / "state2", log=logs.append)
+    key = queued_job(refused)
+    refused.run_job(refused.journal.get(key))
+    assert refused.journal.get(key)["state"] == FAILED
+    refused.journal.close()
+
+
+def test_status_of_a_state_folder_without_a_journal(tmp_path):
+    result = CliRunner().invoke(
+        main, ["listen", "--store-to", str(tmp_path / "o"), "--status", "--state",
+               str(tmp_path / "nothing")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "No journal at" in result.output, result.output
+    assert not (tmp_path / "nothing").exists()  # nothing created by asking
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "journal.sqlite3").write_bytes(b"this is not a database" * 100)
+    result = CliRunner().invoke(
+        main, ["listen", "--store-to", str(tmp_path / "o"), "--status", "--state", str(bad)]
+    )
+    assert result.exit_code == 2 and "Cannot open the journal" in result.output, result.output

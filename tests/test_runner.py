@@ -26,7 +26,7 @@ def test_dicom_formats_for_a_nifti_input_are_refused_before_the_model_runs(tmp_p
     with pytest.raises(MedcamError, match="DICOM source series"):
         explain_inputs(spec, [tmp_path / "ct.nii.gz"], tmp_path / "out", target=1,
                        formats=["nifti", "dicom-pm"], log=lambda _: None)  # fmt: skip
-    with pytest.raises(MedcamError, match="dicom-sc output .* this input is 'nifti', not DICOM"):
+    with pytest.raises(MedcamError, match=r"dicom-sc output .* this input is 'nifti', not DICOM"):
         explain_inputs(spec, [tmp_path / "ct.nii.gz"], tmp_path / "out", target=1,
                        formats=["dicom-sc"], log=lambda _: None)  # fmt: skip
     assert calls == []

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcam.engine.inputs import ModelInputs
+from medcam.engine.inputs import ModelInputs, model_dtype
 from medcam.engine.layers import (
     ActivationCapture,
     At,
@@ -60,6 +60,11 @@ def check_input(x: object) -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise InputError(f"The input has dtype {x.dtype}; convert it with x.float().")
+    if x.numel() == 0:
+        raise InputError(
+            f"The input has shape {tuple(x.shape)}, with an empty dimension: there is nothing "
+            "to explain. Check how the volume was cropped or sliced."
+        )
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(x).sum())
@@ -148,6 +153,29 @@ def _target_gradients(
         for j in range(k)
     ]
     return [torch.stack([p[i] for p in per_target], dim=1) for i in range(len(acts))], False
+
+
+def _backward(
+    scores: torch.Tensor,
+    acts: list[torch.Tensor],
+    names: list[str],
+    batched: bool | None,
+    x: torch.Tensor,
+) -> tuple[list[torch.Tensor], bool]:
+    """:func:`_target_gradients`, a failure of the backward pass (an in-place op that
+    overwrote a saved tensor, an op without a derivative) raised as a :class:`ModelError`."""
+    try:
+        return _target_gradients(scores, acts, names, batched)
+    except MedcamError:
+        raise
+    except Exception as err:
+        raise ModelError(
+            f"The backward pass from the target score to layer(s) {names} failed on the input "
+            f"(shape {tuple(x.shape)}, dtype {str(x.dtype).removeprefix('torch.')}): "
+            f"{type(err).__name__}: {err}. If an in-place operation after the layer modified a "
+            "tensor autograd needs, pick another layer; a gradient-free method "
+            "(method='scorecam' or 'ablationcam') needs no backward pass."
+        ) from err
 
 
 def _check_scores(scores: torch.Tensor) -> None:
@@ -373,12 +401,15 @@ class Explainer:
         """
         inputs = ModelInputs.build(x, forward_kwargs, input_index)
         device = self._to_device(check_input(inputs.x)).device
-        target_fn = as_target(target)
         method = self.method
         extra: dict[str, Any] = inputs.describe()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
-            inputs = inputs.to(device)  # inference tensors are cloned here
+            target_fn = as_target(target)  # its tensors are made outside inference mode
+            dtype = model_dtype(self.model)
+            if dtype is not None and inputs.x.dtype != dtype:
+                extra["input_dtype"] = str(inputs.x.dtype).removeprefix("torch.")
+            inputs = inputs.to(device, dtype)  # inference tensors are cloned here
             x = inputs.x
             spatial = tuple(x.shape[2:])
             names = self.layer_names(x, inputs)
@@ -408,7 +439,7 @@ class Explainer:
             grads: list[torch.Tensor | None] = [None] * len(acts)
             batched = False
             if method.needs_gradients:
-                raw_grads, batched = _target_gradients(scores, kept, names, self.batched)
+                raw_grads, batched = _backward(scores, kept, names, self.batched, x)
                 grads = [
                     _reshaped_gradient(n, g, layout)
                     for n, g, layout in zip(names, raw_grads, layouts, strict=True)

@@ -158,6 +158,8 @@ def _fits(explainer: Explainer, x: torch.Tensor, multiple: int) -> bool:
 
 def explain_whole(explainer: Explainer, x: torch.Tensor, target: Any) -> CAMResult:
     """The whole input in one pass, padded to a size the network takes where it needs one."""
+    from medcam.engine.inputs import ForwardError
+
     target_fn = resolve_target(target)
     nd = x.ndim - 2
     multiple = size_multiple(explainer.model, nd)
@@ -165,6 +167,12 @@ def explain_whole(explainer: Explainer, x: torch.Tensor, target: Any) -> CAMResu
         return _explain_padded(explainer, x, target_fn, multiple, "the network's size rule")
     try:
         return explainer(x, target_fn)
+    except ForwardError as err:  # the forward raised: maybe a size the network cannot take
+        if not isinstance(err.__cause__, _SIZE_ERRORS) or isinstance(
+            err.__cause__, torch.OutOfMemoryError
+        ):
+            raise  # out of memory: the error's hint (sliding windows) is the answer
+        first_error = err.__cause__
     except MedcamError:
         raise
     except _SIZE_ERRORS as err:

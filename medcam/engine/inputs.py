@@ -24,9 +24,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcam.errors import InputError
+from medcam.errors import InputError, MedcamError, ModelError
 
-__all__ = ["ModelInputs"]
+__all__ = ["ModelInputs", "model_dtype"]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the model's first floating parameter (else buffer), or ``None``."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _hint(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return (
+            "The device ran out of memory: explain a smaller input or fewer samples at a time, "
+            "use sliding windows (roi_size= / --roi-size), or run on the CPU."
+        )
+    if "Expected more than 1 value per channel when training" in text:
+        return (
+            "A batch-norm layer in training mode cannot normalise a batch of one: use eval=True "
+            "(the default), or explain a batch of more than one sample."
+        )
+    return (
+        "Check that the input has the channels, spatial size and dtype the model expects "
+        "(medcam.list_layers(model, x) runs one forward pass and shows every layer's output), "
+        "and that the model runs on it outside medcam."
+    )
 
 
 def _to(v: Any, device: torch.device) -> Any:
@@ -34,6 +61,11 @@ def _to(v: Any, device: torch.device) -> Any:
         v = v.to(device)
         return v.clone() if v.is_inference() else v
     return v
+
+
+class ForwardError(ModelError):
+    """The model's forward raised on the input; the original exception is ``__cause__``
+    (:func:`medcam.engine.inferer.explain_whole` tells a size the network cannot take by it)."""
 
 
 @dataclass(frozen=True)
@@ -91,12 +123,14 @@ class ModelInputs:
         args[self.index] = x
         return replace(self, args=tuple(args))
 
-    def to(self, device: torch.device) -> ModelInputs:
-        """Tensors moved to ``device`` (inference tensors cloned, so autograd can use them)."""
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> ModelInputs:
+        """Tensors moved to ``device`` (inference tensors cloned, so autograd can use them); the
+        explained image also cast to the floating ``dtype`` (the model's) when given."""
+        args = [_to(a, device) for a in self.args]
+        if dtype is not None and args[self.index].dtype != dtype:
+            args[self.index] = args[self.index].to(dtype)
         return replace(
-            self,
-            args=tuple(_to(a, device) for a in self.args),
-            kwargs={k: _to(v, device) for k, v in self.kwargs.items()},
+            self, args=tuple(args), kwargs={k: _to(v, device) for k, v in self.kwargs.items()}
         )
 
     def rows(self, x: torch.Tensor, rows: torch.Tensor) -> ModelInputs:
@@ -114,7 +148,25 @@ class ModelInputs:
         return replace(self, args=tuple(args), kwargs={k: pick(v) for k, v in self.kwargs.items()})
 
     def __call__(self, model: nn.Module) -> Any:
-        return model(*self.args, **self.kwargs)
+        """``model(*args, **kwargs)``; a failure inside the model becomes a
+        :class:`~medcam.errors.ModelError` naming the input (the original is its cause)."""
+        try:
+            return model(*self.args, **self.kwargs)
+        except MedcamError:
+            raise
+        except Exception as err:
+            x = self.x
+            what = (
+                f"shape {tuple(x.shape)}, dtype {str(x.dtype).removeprefix('torch.')}, "
+                f"device {x.device}"
+                if isinstance(x, torch.Tensor)
+                else type(x).__name__
+            )
+            others = f" (and {len(self.args) - 1} other input(s))" if len(self.args) > 1 else ""
+            raise ForwardError(
+                f"The model's forward failed on the input ({what}){others}: "
+                f"{type(err).__name__}: {err}. {_hint(err)}"
+            ) from err
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for the result's metadata."""

@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import math
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medcam.engine.inputs import ModelInputs
+from medcam.engine.inputs import ModelInputs, model_dtype
 from medcam.engine.reshape import detect_layout, model_grids
 from medcam.errors import InputError, LayerError, ModelError
 
@@ -92,21 +93,127 @@ class LayerInfo:
         return self.calls == 1 and fs is not None and math.prod(fs) > 1
 
 
+class _ModelGuard:
+    """Who is using one model's training flags and buffers now (see :func:`eval_mode`).
+
+    Eval-mode calls share the model: the first one in switches the modules in training mode to
+    eval, the last one out switches them back, so a call never sees another call's restore.
+    Train-mode calls (``eval=False``) have the model to themselves, one at a time, and hand
+    the buffers back as they found them.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.shared: dict[int, int] = {}  # thread -> eval-mode calls in progress
+        self.switched: list[nn.Module] = []
+        self.owner: int | None = None  # thread holding a train-mode call
+        self.depth = 0
+
+
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, _ModelGuard] = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard(model: nn.Module) -> _ModelGuard:
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(model)
+        if guard is None:
+            guard = _GUARDS[model] = _ModelGuard()
+        return guard
+
+
+def _training_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Copies of the buffers of modules in training mode (batch-norm running statistics and
+    counters): what a training-mode forward changes."""
+    with torch.no_grad():
+        return [
+            (m, name, b.detach().clone())
+            for m in model.modules()
+            if m.training
+            for name, b in m.named_buffers(recurse=False)
+            if b is not None
+        ]
+
+
+def _restore_buffers(saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for m, name, value in saved:
+            current = m._buffers.get(name)
+            if isinstance(current, torch.Tensor) and current.shape == value.shape:
+                current.copy_(value)
+            else:  # the forward replaced the buffer object
+                m._buffers[name] = value
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Put every module in eval mode for the block and restore each module's own flag after.
+    """Run the block with the model's state guarded; nothing about the model changes for good.
 
-    Modules already in eval mode are not touched, so a model in eval mode is never written to
-    (which keeps concurrent calls on one shared model safe).
+    ``enabled=True``: every module is in eval mode for the block and gets its own training flag
+    back after. Calls from several threads share the switch (the first switches, the last
+    restores), so one thread's restore never puts a module back in training mode while another
+    thread's call is running; a model already in eval mode is never written to.
+
+    ``enabled=False`` (``Explainer(eval=False)``): the model runs as it is (a training-mode
+    batch norm uses the batch's statistics), and the buffers that a training-mode forward
+    updates (running means, variances, counters) are restored after the block. Such calls take
+    the model for themselves: they wait for other calls on the model, and others wait for them.
     """
-    switched = [m for m in model.modules() if m.training] if enabled else []
-    for m in switched:
-        m.training = False
+    guard = _guard(model)
+    me = threading.get_ident()
+    if enabled:
+        with guard.cond:
+            if guard.owner == me:  # inside this thread's own train-mode call
+                local = [m for m in model.modules() if m.training]
+                for m in local:
+                    m.training = False
+            else:
+                local = None
+                while guard.owner is not None:
+                    guard.cond.wait()
+                if not guard.shared:
+                    guard.switched = [m for m in model.modules() if m.training]
+                    for m in guard.switched:
+                        m.training = False
+                guard.shared[me] = guard.shared.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with guard.cond:
+                if local is not None:
+                    for m in local:
+                        m.training = True
+                else:
+                    guard.shared[me] -= 1
+                    if not guard.shared[me]:
+                        del guard.shared[me]
+                    if not guard.shared:
+                        for m in guard.switched:
+                            m.training = True
+                        guard.switched = []
+                        guard.cond.notify_all()
+        return
+    with guard.cond:
+        if guard.owner != me:
+            if guard.shared.get(me):
+                raise ModelError(
+                    "A call with eval=False was started inside an eval-mode call on the same "
+                    "model in the same thread; finish the one before starting the other."
+                )
+            while guard.owner is not None or guard.shared:
+                guard.cond.wait()
+            guard.owner = me
+        guard.depth += 1
+        saved = _training_buffers(model) if guard.depth == 1 else []
     try:
         yield
     finally:
-        for m in switched:
-            m.training = True
+        with guard.cond:
+            _restore_buffers(saved)
+            guard.depth -= 1
+            if not guard.depth:
+                guard.owner = None
+                guard.cond.notify_all()
 
 
 def check_hookable(model: nn.Module) -> None:
@@ -192,10 +299,12 @@ def trace_layers(
 
         return hook
 
+    if inputs is None:
+        inputs = ModelInputs.build(x)
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     try:
         with torch.no_grad(), eval_mode(model, eval):
-            output = inputs(model) if inputs is not None else model(x)
+            output = inputs(model)
     finally:
         for h in handles:
             h.remove()
@@ -251,7 +360,12 @@ def list_layers(
     x = inputs.x
     if not isinstance(x, torch.Tensor):
         raise InputError(f"The example input must be a torch.Tensor, not {type(x).__name__}.")
-    inputs = inputs.to(model_device(model, x))
+    if not x.is_floating_point() or x.numel() == 0 or not 3 <= x.ndim <= 5:
+        raise InputError(
+            f"The example input has shape {tuple(x.shape)} and dtype {x.dtype}; give a float "
+            "tensor (B, C, H, W) or (B, C, D, H, W) of the size you will explain."
+        )
+    inputs = inputs.to(model_device(model, x), model_dtype(model))
     return trace_layers(model, inputs.x, eval=eval, inputs=inputs)[0]
 
 

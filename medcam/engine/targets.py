@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from medcam.errors import TargetError
+from medcam.errors import MedcamError, TargetError
 
 __all__ = [
     "AllClasses",
@@ -48,6 +48,12 @@ class Target(Protocol):
 
 
 _REGION_NOTE = ", logits summed over each class's predicted region"
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it was made under ``torch.inference_mode()`` (an
+    inference tensor cannot take part in the backward pass)."""
+    return t.clone() if t.is_inference() else t
 
 
 def _check_classes(classes: torch.Tensor, num_classes: int) -> None:
@@ -100,7 +106,7 @@ class ClassTarget:
         return c
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = self._per_sample(logits.shape[0]).to(logits.device)
+        classes = _usable(self._per_sample(logits.shape[0]).to(logits.device))
         _check_classes(classes, logits.shape[1])
         if logits.ndim > 2:
             return _segmentation_scores(logits, classes, None, "sum")
@@ -175,7 +181,7 @@ class SegmentationTarget:
                 "SegmentationTarget needs a segmentation output (B, C, *spatial), but the model "
                 f"returned {tuple(logits.shape)}; use a class index for classifiers."
             )
-        classes = self.classes.to(logits.device).expand(logits.shape[0], -1)
+        classes = _usable(self.classes.to(logits.device)).expand(logits.shape[0], -1)
         _check_classes(classes, logits.shape[1])
         return _segmentation_scores(logits, classes, self.mask, self.reduction)
 
@@ -193,7 +199,7 @@ def _region_weights(
                 for i, row in enumerate(classes)
             ]
         )
-    m = torch.as_tensor(mask, device=logits.device).to(logits.dtype)
+    m = _usable(torch.as_tensor(mask, device=logits.device).to(logits.dtype))
     if tuple(m.shape[-len(spatial) :]) != spatial:
         raise TargetError(
             f"Mask shape {tuple(m.shape)} does not match the model output's spatial shape "
@@ -234,7 +240,15 @@ class CallableTarget:
         return f"callable {getattr(self.fn, '__name__', type(self.fn).__name__)}"
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.fn(logits)
+        try:
+            scores = self.fn(logits)
+        except MedcamError:
+            raise
+        except Exception as err:
+            raise TargetError(
+                f"The target callable {self.describe()} failed on the model output of shape "
+                f"{tuple(logits.shape)}: {type(err).__name__}: {err}"
+            ) from err
         if not isinstance(scores, torch.Tensor):
             raise TargetError("A callable target must return a tensor of shape (B,) or (B, K).")
         if scores.ndim == 1:
@@ -306,7 +320,15 @@ def as_target(spec: Any) -> Target:
 def select_output(output: Any, selector: int | str | Callable[[Any], Any] | None) -> torch.Tensor:
     """Pick the logits tensor from a model output (tensor, tuple/list or dict)."""
     if callable(selector):
-        out = selector(output)
+        try:
+            out = selector(output)
+        except MedcamError:
+            raise
+        except Exception as err:
+            raise TargetError(
+                f"The output selector {getattr(selector, '__name__', selector)!r} failed on the "
+                f"model output (a {type(output).__name__}): {type(err).__name__}: {err}"
+            ) from err
     elif selector is None:
         out = output
     elif isinstance(output, dict):

@@ -26,6 +26,7 @@ Three layouts give a 3D volume:
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -100,14 +101,126 @@ class DicomVolume:
     frames: list[int] | None = None
 
 
-def _read(path: Path, stop_before_pixels: bool = False):
+# ----------------------------------------------------------------------------- which files
+
+#: Extensions of DICOM files; a file with one of them that cannot be read is a damaged image.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+_UNREADABLE = "unreadable"
+
+
+def _sop_class(ds) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or getattr(meta, "MediaStorageSOPClassUID", "")
+    return str(uid or "")
+
+
+def _read_image(path: Path) -> tuple[object | None, str | None]:
+    """Read one file of a series folder: ``(dataset, None)`` for a DICOM image, ``(None, None)``
+    for a file that is not an image (a README, a structured report), ``(None, why)`` for a file
+    that is or claims to be a DICOM image but cannot be read (truncated, empty, unreadable)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, OSError, EOFError, ValueError):
-        return None
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as err:
+        return None, f"cannot be opened ({err.strerror or err})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about what it forgives
+            ds = pydicom.dcmread(path)
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
+        if head[128:132] == b"DICM":
+            return None, f"starts like a DICOM file but cannot be read ({err})"
+        return None, _UNREADABLE  # the caller decides whether it claims to be DICOM
+    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return ds, None
+    from pydicom.uid import UID
+
+    sop = _sop_class(ds)
+    name = UID(sop).name if sop else ""
+    if not sop or "Image Storage" in name or "Rows" in ds:
+        what = f"a {name} file" if "Image Storage" in name else "a DICOM file"
+        return None, f"is {what} without pixel data (truncated or damaged)"
+    return None, None  # a complete non-image object (SR, presentation state, ...)
+
+
+def _name_shape(name: str) -> tuple[str, str]:
+    """``(extension, name with digit runs collapsed)``: files of one series share it
+    (``IM000012`` ~ ``IM000013``; ``slice_0011.dcm`` ~ ``slice_0003.dcm``)."""
+    suffix = Path(name).suffix.lower()
+    ext = suffix if any(c.isalpha() for c in suffix) else ""
+    return ext, re.sub(r"[0-9]+", "0", name.lower())
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at 4096 bytes is still text
+        return err.start >= len(head) - 3
+    return True
+
+
+def series_files(folder: Path) -> list:
+    """The DICOM image datasets of the files in ``folder`` (non-recursive).
+
+    Not DICOM, and ignored: hidden files (``.DS_Store``, ``._IM0001``), ``DICOMDIR``, text files
+    (README, notes), files whose name looks like none of the images (``Thumbs.db``) and
+    complete non-image DICOM objects (reports, presentation states). A file that is, or looks
+    like, one of the series' images (DICOM preamble, a ``.dcm`` extension, or the naming of
+    the other images) but cannot be read makes an :class:`InputError` naming it: a series with
+    a damaged file is never explained from the files that remain.
+    """
+    try:
+        files = sorted(
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()
+        )
+    except OSError as err:
+        raise InputError(
+            f"Cannot list the folder {folder} ({err.strerror or err}); check its permissions."
+        ) from err
+    datasets, unread = [], []
+    for p in files:
+        ds, why = _read_image(p)
+        if ds is not None:
+            datasets.append(ds)
+        elif why is not None:
+            unread.append((p, why))
+    shapes = {_name_shape(Path(ds.filename).name) for ds in datasets}
+    damaged = []
+    for p, why in unread:
+        if why != _UNREADABLE:
+            damaged.append(f"{p.name} {why}")
+        elif p.stat().st_size == 0 and (
+            p.suffix.lower() in DICOM_SUFFIXES or _name_shape(p.name) in shapes
+        ):
+            damaged.append(f"{p.name} is empty")
+        elif not _is_text(p) and (
+            p.suffix.lower() in DICOM_SUFFIXES or _name_shape(p.name) in shapes
+        ):
+            damaged.append(f"{p.name} is not a readable DICOM file, though named like one")
+    if damaged:
+        raise InputError(
+            f"{len(damaged)} file(s) in {folder} cannot be read as DICOM images, so the series "
+            "would be incomplete: "
+            + "; ".join(damaged[:5])
+            + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+            + ". Copy the series again from its source (or remove the files if they do not "
+            "belong to it)."
+        )
+    return datasets
 
 
 def _name(ds) -> str:
@@ -119,10 +232,11 @@ def _pixels(ds) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as err:  # missing/undecodable pixel data
-        raise InputError(
-            f"Cannot decode the pixel data of {_name(ds)!r} ({err}). Install the decoder for its "
-            "transfer syntax (e.g. pylibjpeg) or convert the series."
-        ) from err
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        fix = "Install the decoder for its transfer syntax (e.g. pylibjpeg) or convert the series."
+        if syntax is not None and not syntax.is_compressed:  # nothing to decode: damaged
+            fix = "The file is damaged or truncated: copy it again from its source."
+        raise InputError(f"Cannot decode the pixel data of {_name(ds)!r} ({err}). {fix}") from err
 
 
 def _modality_values(ds) -> np.ndarray:
@@ -237,8 +351,7 @@ def read_dicom_series(folder: str | Path) -> DicomVolume:
         MOSAIC or multi-frame objects in one folder.
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
-    datasets = [ds for ds in (_read(p) for p in files) if ds is not None and "PixelData" in ds]
+    datasets = series_files(folder)
     if not datasets:
         raise InputError(f"No DICOM image files in {folder}. Point to a folder of one series.")
     by_series: dict[str, list] = defaultdict(list)
@@ -301,8 +414,10 @@ def read_dicom_file(path: str | Path) -> DicomVolume:
         (else ``None``). Enhanced CT/MR/PET and MOSAIC: a 3D volume as from a series.
     """
     path = Path(path)
-    ds = _read(path)
-    if ds is None or "PixelData" not in ds:
+    ds, why = _read_image(path)
+    if ds is None:
+        if why is not None and why != _UNREADABLE:
+            raise InputError(f"{path} {why}. Copy it again from its source.")
         raise InputError(f"{path} is not a DICOM image file.")
     return _read_object(ds, path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -77,14 +78,27 @@ class OutputDir:
         return path
 
     def write_file(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Call ``write(tmp_path)``, then rename the temporary file to ``name`` atomically."""
+        """Call ``write(tmp_path)``, then rename the temporary file to ``name`` atomically.
+
+        An ``OSError`` of the file system (a full disk, a quota, a vanished folder) is raised as
+        an :class:`OutputError` that names the file (``errno`` kept) and leaves no temporary
+        file."""
         final = self.target(name)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        standalone = self.final is None and _durable()  # staged files are synced at commit
         try:
             write(tmp)
+            if standalone:
+                _fsync_file(tmp)
             os.replace(tmp, final)
+            if standalone:
+                _fsync_dir(self.path)
+        except OutputError:
+            raise
+        except OSError as err:
+            raise _io_error(f"Cannot write {self.final_path(final)}", err) from err
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
         self.written.append(final)
         return final
@@ -99,9 +113,21 @@ class OutputDir:
 
     def _sweep(self, name: str) -> None:
         """Remove what killed writers left for ``name``: staging folders whose process is gone
-        and replaced folders not yet deleted."""
-        for p in self.path.glob(f".{glob.escape(name)}.*-*"):
+        and replaced folders not yet deleted; a replaced folder whose replacement never came
+        (a kill between the two renames of :meth:`_swap_in`) is put back instead."""
+        with _locked(self.path):  # a writer between its two renames holds the lock
+            self._sweep_locked(name)
+
+    def _sweep_locked(self, name: str) -> None:
+        final = self.path / name
+        for p in sorted(self.path.glob(f".{glob.escape(name)}.*-*")):
             kind, _, rest = p.name[len(name) + 2 :].partition("-")
+            if kind == "old" and not (final.exists() or final.is_symlink()):
+                # killed between moving the previous result aside and putting the new one in
+                # place: the previous result comes back
+                with contextlib.suppress(OSError):
+                    os.replace(p, final)
+                continue
             if kind == "old" or (kind == "tmp" and not _alive(rest.split("-")[0])):
                 shutil.rmtree(p, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
@@ -112,10 +138,16 @@ class OutputDir:
         so that two writers of one name never interleave their renames."""
         old = None
         with _locked(self.path):
-            if final.exists() or final.is_symlink():
-                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                if final.exists() or final.is_symlink():
+                    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                    os.replace(final, old)
+                os.replace(tmp, final)
+            except OSError as err:
+                if old is not None and not final.exists():  # put the previous result back
+                    with contextlib.suppress(OSError):
+                        os.replace(old, final)
+                raise _io_error(f"Cannot put {final} in place", err) from err
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -160,13 +192,18 @@ class OutputDir:
         try:
             tmp.mkdir()
         except OSError as err:
-            raise OutputError(f"Cannot create a folder in {self.path}: {err}") from err
+            raise _io_error(f"Cannot create a folder in {self.path}", err) from err
         stage = OutputDir(tmp, ())
         stage._inputs = self._inputs
         stage.final = final
         try:
             yield stage
+            durable = _durable()
+            if durable:
+                _fsync_tree(tmp)
             self._swap_in(tmp, final)
+            if durable:
+                _fsync_dir(self.path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.written.append(final)
@@ -176,6 +213,62 @@ class OutputDir:
         if self.final is None:
             return Path(path)
         return self.final / Path(path).relative_to(self.path)
+
+
+#: Environment variable: ``1`` makes every committed case durable (fsynced) before and after
+#: its rename, so a power loss right after a case is reported leaves it complete on disk.
+FSYNC_ENV = "MEDCAM_FSYNC"
+
+
+def _durable() -> bool:
+    return os.environ.get(FSYNC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without folder sync
+            raise _io_error(f"Cannot flush {folder} to disk", err) from err
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _io_error(f"Cannot flush {path} to disk", err) from err
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (the folders last, deepest first)."""
+    folders = [folder]
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        folders.extend(Path(root) / d for d in dirs)
+    for f in reversed(folders):
+        _fsync_dir(f)
+
+
+def _io_error(what: str, err: OSError) -> OutputError:
+    """An :class:`OutputError` for a failed file-system call, with its ``errno`` (so callers
+    can tell a full disk from a refusal) and a hint."""
+    out = OutputError(
+        f"{what}: {err.strerror or err}. Free space, or fix the folder's permissions, or "
+        "choose another output folder; then run again."
+    )
+    out.errno, out.strerror, out.filename = err.errno, err.strerror, err.filename
+    return out
 
 
 def _alive(pid: str) -> bool:

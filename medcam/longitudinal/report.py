@@ -504,11 +504,15 @@ def _html(result, pictures: dict[str, bytes | None]) -> str:
 
 def _save_tfm(reg, path: Path) -> None:
     """ITK picks the transform writer by suffix: write ``<tmp>.tfm``, then move it to ``path``."""
+    import errno
     import os
 
     named = path.with_name(path.name + ".tfm")
     try:
-        reg.save(named)
+        try:
+            reg.save(named)
+        except RuntimeError as err:  # ITK's writer reports I/O failures this way
+            raise OSError(errno.EIO, f"ITK cannot write the transform ({err})", str(named)) from err
         os.replace(named, path)
     finally:
         named.unlink(missing_ok=True)

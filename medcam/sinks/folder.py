@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medcam.errors import OutputError
 from medcam.io.output import OutputDir
 from medcam.sinks.base import Sink, WrittenCase, register_sink
 
@@ -28,7 +29,13 @@ class FolderSink(Sink):
             return 0  # already there
         root = OutputDir(self.path)
         with root.case(case.name) as stage:
-            shutil.copytree(case.folder, stage.path, dirs_exist_ok=True)
+            try:
+                shutil.copytree(case.folder, stage.path, dirs_exist_ok=True)
+            except OSError as err:  # shutil.Error too: a full disk, a vanished source
+                raise OutputError(
+                    f"Cannot copy case {case.name} to {self.path}: {err}. Nothing of the case "
+                    "was stored there; free space or fix the folder, then send it again."
+                ) from err
         return sum(1 for p in Path(case.folder).rglob("*") if p.is_file())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medcam.errors import InputError, PacsError
+from medcam.errors import InputError, OutputError, PacsError
 from medcam.pacs import DicomWebEndpoint, dicomweb_client, http_errors, parse_endpoint
 from medcam.sources.base import SeriesRef, Source, register_source
 
@@ -78,7 +78,14 @@ class DicomWebSource(Source):
                 self.client.iter_series(ref.study_uid, ref.series_uid, media_types=media_types),
                 start=1,
             ):
-                ds.save_as(folder / f"{n:05d}.dcm", enforce_file_format=True)
+                try:
+                    ds.save_as(folder / f"{n:05d}.dcm", enforce_file_format=True)
+                except OSError as err:
+                    raise OutputError(
+                        f"Cannot keep the retrieved instances of {ref.label} in {folder} "
+                        f"({err.strerror or err}); free space in the temporary folder (TMPDIR) "
+                        "and retry."
+                    ) from err
             return n
 
         with http_errors(self.endpoint, f"fetching {ref.label} (WADO-RS)"):

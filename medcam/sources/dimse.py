@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from medcam.errors import InputError, PacsError
+from medcam.errors import InputError, OutputError, PacsError
 from medcam.pacs import DEFAULT_AE_TITLE, DimseEndpoint, associate, check_status, parse_endpoint
 from medcam.sources.base import SeriesRef, Source, register_source
 
@@ -172,11 +172,17 @@ class DimseSource(Source):
         lock = threading.Lock()
         received: list[str] = []
 
+        local_errors: list[OSError] = []
+
         def on_store(event) -> int:
             name = received_file_name(event.request.AffectedSOPInstanceUID)
-            with lock, open(folder / name, "wb") as f:
-                f.write(event.encoded_dataset())
-                received.append(name)
+            try:
+                with lock, open(folder / name, "wb") as f:
+                    f.write(event.encoded_dataset())
+                    received.append(name)
+            except OSError as err:  # our disk, not the peer: say so below
+                local_errors.append(err)
+                return 0xA700  # out of resources
             return 0x0000
 
         if self.retrieve == "get":
@@ -184,6 +190,13 @@ class DimseSource(Source):
         else:
             final = self._move(ref, on_store)
         failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
+        if local_errors:
+            err = local_errors[0]
+            raise OutputError(
+                f"Cannot keep the instances of {ref.label} sent by {self.endpoint} in {folder} "
+                f"({err.strerror or err}); free space in the temporary folder (TMPDIR) and "
+                "retry."
+            ) from err
         if failed or not received:
             raise PacsError(
                 f"{self.endpoint} sent {len(received)} instances of {ref.label}, {failed} failed "

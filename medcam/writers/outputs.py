@@ -62,14 +62,16 @@ def write_case(
     for fmt in chosen:
         try:
             paths = fmt.write(out)
-        except OutputError:
-            raise
         except OSError as err:  # a full disk, a quota, a vanished folder
-            raise OutputError(
+            if isinstance(err, OutputError) and err.errno is None:
+                raise  # a refusal (an input file as output, a bad name): already explained
+            failure = OutputError(
                 f"Writing the {fmt.name} output of case {stem!r} failed: {err.strerror or err}. "
                 "Nothing of this case was written (a previous result of the case is kept); free "
                 "space or choose another output folder, then run it again."
-            ) from err
+            )
+            failure.errno, failure.strerror, failure.filename = err.errno, err.strerror, None
+            raise failure from err
         out.written[fmt.name] = [folder.final_path(p) for p in paths]
     return out.written
 

@@ -155,7 +155,7 @@ def test_hooks_removed_after_errors(small_cnn):
             raise RuntimeError("boom inside forward")
 
     bad = Exploding()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(medcam.ModelError, match="boom"):
         medcam.explain(bad, torch.randn(1, 1, 6, 6), layers="conv")
     assert count_hooks(bad) == 0
 

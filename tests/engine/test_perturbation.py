@@ -100,7 +100,7 @@ def test_hooks_removed_when_a_perturbed_forward_fails():
             return super().forward(x)
 
     net = FailsOnBigBatches(spatial_dims=2).eval()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(medcam.ModelError, match="boom"):
         medcam.explain(net, torch.randn(1, 2, 12, 10), 0, layers="features.3",
                        method="ablationcam")  # fmt: skip
     assert count_hooks(net) == 0

@@ -143,3 +143,50 @@ def test_a_case_folder_holding_inputs_is_never_replaced(tmp_path):
     with pytest.raises(medcam.OutputError, match="holds input files"), root.case("series"):
         pass
     assert (inputs / "1.dcm").read_bytes() == b"x"
+
+
+def test_a_kill_between_the_two_renames_of_a_replace_loses_nothing(tmp_path, explanation):
+    """A writer killed after moving the previous result aside and before putting its own in
+    place leaves the case absent and the previous result as a hidden ``.old`` folder; the next
+    write of the case puts the previous result back first (so even if that write fails, the
+    previous result is there again)."""
+    out = tmp_path / "out"
+    medcam.write_outputs(explanation, out, ["nifti", "json"], case="c")
+    before = _tree(out / "c")
+    os.replace(out / "c", out / ".c.old-0123abcd")  # the state the kill leaves
+    with pytest.raises(RuntimeError, match="writer fails"), OutputDir(out).case("c") as stage:
+        stage.write_file("x.txt", lambda p: p.write_text("x"))
+        raise RuntimeError("this writer fails too")
+    assert _tree(out / "c") == before
+    assert sorted(p.name for p in out.iterdir()) == ["c"]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["default", "MEDCAM_FSYNC=1"])
+def test_fsync_on_request(tmp_path, explanation, monkeypatch, durable):
+    """With MEDCAM_FSYNC=1 every file and folder of a committed case, and the output folder
+    after the rename, are flushed to disk (power loss after a case is reported leaves it
+    complete); by default nothing is (renames are atomic, not durable)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to see which files are flushed")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    if durable:
+        monkeypatch.setenv("MEDCAM_FSYNC", "1")
+    else:
+        monkeypatch.delenv("MEDCAM_FSYNC", raising=False)
+    out = tmp_path / "out"
+    written = medcam.write_outputs(explanation, out, ["nifti", "png", "json"], case="c")
+    if not durable:
+        assert synced == []
+        return
+    names = {Path(p).name for p in synced}
+    files = {p.name for paths in written.values() for p in paths}
+    assert files <= names  # every output file (synced under its staging folder)
+    assert any(Path(p).name.startswith(".c.tmp-") for p in synced)  # the case folder
+    assert synced[-1] == str(out.resolve())  # the rename itself, last

@@ -66,7 +66,14 @@ class CStoreSink(Sink):
                     check_status(status, self.endpoint, what)
                 except (RuntimeError, ValueError, PacsError) as err:
                     reason = str(err)
-                    if not isinstance(err, PacsError):  # e.g. no accepted presentation context
+                    if isinstance(err, RuntimeError) and not assoc.is_established:
+                        # the peer aborted between the check and the send (pynetdicom then
+                        # raises "The association ... must be established ...")
+                        reason = (
+                            f"The DICOM peer {self.endpoint} went away while {what} "
+                            "(association aborted)."
+                        )
+                    elif not isinstance(err, PacsError):  # e.g. no accepted presentation context
                         reason = f"{self.endpoint} cannot take {p.name}: {err}."
                     raise PacsError(
                         f"{reason} {stored} of {len(files)} results were stored before that; "

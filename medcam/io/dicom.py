@@ -81,6 +81,8 @@ class DicomVolume:
     ----------
     array:
         ``(X, Y, Z)`` float32 (columns, rows, slices) for a volume; ``(X, Y)`` for a 2D image.
+        Its memory runs X fastest (a transposed view of ``(Z, Y, X)``: DICOM frame and NIfTI
+        order), so slices and frames are contiguous blocks.
     affine_lps:
         4x4 voxel-index to LPS-mm map (``None`` for a 2D image without geometry). For a volume
         its third column points along ``+cross(row, column cosines)``.
@@ -126,9 +128,52 @@ def _pixels(ds) -> np.ndarray:
 
 
 def _modality_values(ds) -> np.ndarray:
+    """One image's pixels in modality units (RescaleSlope/Intercept or Modality LUT applied), in
+    the dtype the rescale gives (float64, or the stored integers): callers write it into their
+    float32 volume, so the volume is converted once, slice by slice."""
     from pydicom.pixels import apply_rescale
 
-    return np.asarray(apply_rescale(_pixels(ds), ds), dtype=np.float32)
+    return apply_rescale(_pixels(ds), ds)
+
+
+def _volume(columns: int, rows: int, slices: int) -> np.ndarray:
+    """An empty ``(X, Y, Z)`` float32 volume whose memory runs X fastest, then Y, then Z.
+
+    That is the DICOM frame order (a slice is ``rows x columns``, columns fastest) and the
+    NIfTI/ITK voxel order, so slices are filled, and PM/SEG frames or NIfTI data written, as
+    contiguous blocks without reordering the volume; NumPy and torch see an ordinary
+    ``(X, Y, Z)`` array (a transposed view of a ``(Z, Y, X)`` buffer).
+    """
+    return np.empty((slices, rows, columns), np.float32).transpose(2, 1, 0)
+
+
+def _stack_slices(datasets: list) -> np.ndarray:
+    """``(X, Y, Z)`` float32 from sorted single-frame datasets, each slice converted straight
+    into its place (no whole-volume temporary); each dataset's pixel data is dropped once
+    copied, so the encoded and the decoded volume are never both held in full."""
+    first = datasets[0]
+    values = _volume(int(first.Columns), int(first.Rows), len(datasets))
+    planes = values.transpose(2, 1, 0)  # (Z, rows, columns) view of the same memory
+    for z, ds in enumerate(datasets):
+        _fill_modality_values(planes[z], ds)
+        _drop_pixels(ds)
+    return values
+
+
+def _fill_modality_values(dst: np.ndarray, ds) -> None:
+    """Write one image's modality values into ``dst`` (float32, ``(rows, columns)``).
+
+    The usual CT case, 8/16-bit integers with slope 1 and an integer intercept, is computed in
+    float32 directly (exact: every result is an integer below 2**24); anything else goes
+    through pydicom's ``apply_rescale`` in float64 and is rounded once into ``dst``."""
+    if "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        pixels = _pixels(ds)
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        small_int = pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2
+        if small_int and slope == 1.0 and intercept.is_integer() and abs(intercept) < 2**23:
+            np.add(pixels, np.float32(intercept), out=dst, dtype=np.float32)
+            return
+    dst[...] = _modality_values(ds)
 
 
 def _drop_pixels(ds):
@@ -286,8 +331,7 @@ def read_dicom_series(folder: str | Path) -> DicomVolume:
         np.array([_floats(ds.PixelSpacing) for ds in datasets]),
     )
     datasets = [datasets[i] for i in order]
-    array = np.stack([_modality_values(ds).T for ds in datasets], axis=-1)  # (X, Y, Z)
-    return DicomVolume(array.astype(np.float32), affine, [_drop_pixels(ds) for ds in datasets])
+    return DicomVolume(_stack_slices(datasets), affine, datasets)
 
 
 def read_dicom_file(path: str | Path) -> DicomVolume:
@@ -327,6 +371,7 @@ def _read_2d(ds) -> DicomVolume:
     pixels = _modality_values(ds)
     if pixels.ndim == 3:  # colour: (rows, cols, 3) -> keep luminance
         pixels = pixels.mean(axis=-1)
+    pixels = pixels.astype(np.float32, copy=False)
     affine = None
     if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
         iop = _floats(ds.ImageOrientationPatient)
@@ -336,7 +381,7 @@ def _read_2d(ds) -> DicomVolume:
         affine[:3, 1] = iop[3:] * sp[0]
         affine[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.get("SliceThickness", 1.0) or 1.0)
         affine[:3, 3] = _floats(ds.ImagePositionPatient)
-    return DicomVolume(pixels.T.astype(np.float32), affine, [_drop_pixels(ds)], "2d")
+    return DicomVolume(pixels.T, affine, [_drop_pixels(ds)], "2d")  # (X, Y) view
 
 
 # ----------------------------------------------------------------------------- enhanced
@@ -413,10 +458,11 @@ def _read_enhanced(ds, path: Path) -> DicomVolume:
     pixels = _pixels(ds)
     if pixels.ndim == 2:
         pixels = pixels[None]
-    values = np.empty((int(ds.Columns), int(ds.Rows), n), np.float32)  # (X, Y, Z)
+    values = _volume(int(ds.Columns), int(ds.Rows), n)  # (X, Y, Z)
+    planes = values.transpose(2, 1, 0)
     for z, f in enumerate(order):
         slope, intercept = slopes[f]
-        values[:, :, z] = (pixels[f].astype(np.float64) * slope + intercept).T
+        planes[z] = pixels[f].astype(np.float64) * slope + intercept
     frames = [int(f) + 1 for f in order]
     return DicomVolume(values, affine, [_drop_pixels(ds)], "enhanced", frames)
 
@@ -494,13 +540,14 @@ def _read_mosaic(ds, path: Path) -> DicomVolume:
             "its slice spacing is unknown."
         )
     step = float(step)
-    values = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))  # (X, Y, Z) in tile order
+    values = _volume(cols, rows, n)  # (X, Y, Z)
     if sign < 0:  # tiles run against cross(row, col): store them ascending along it
-        values = values[:, :, ::-1]
+        stack = stack[::-1]
         first = first - (n - 1) * step * normal
+    values.transpose(2, 1, 0)[:] = stack
     affine = np.eye(4)
     affine[:3, 0] = row_cos * col_spacing
     affine[:3, 1] = col_cos * row_spacing
     affine[:3, 2] = normal * step
     affine[:3, 3] = first
-    return DicomVolume(values.astype(np.float32), affine, [_drop_pixels(ds)], "mosaic")
+    return DicomVolume(values, affine, [_drop_pixels(ds)], "mosaic")

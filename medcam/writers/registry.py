@@ -195,16 +195,37 @@ class CaseOutput:
     model: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     written: dict[str, list[Path]] = field(default_factory=dict)
+    _ranges: dict[Any, tuple[float, float]] = field(default_factory=dict, init=False, repr=False)
 
     @functools.cached_property
     def heat(self) -> np.ndarray:
-        """``(K, *source_spatial)`` float32 maps on the host (copied once, on first use)."""
+        """``(K, *source_spatial)`` float32 maps on the host: the explanation's own memory for a
+        CPU heatmap, one copy (made on first use) for a GPU one; never touched when only the
+        sidecar is written."""
         return self.explanation.heatmap.detach().cpu().numpy().astype(np.float32, copy=False)
 
     @functools.cached_property
     def image(self) -> np.ndarray:
-        """The scan on the host, channels averaged (RGB -> grey): ``(*source_spatial)``."""
-        return self.explanation.scan.image.detach().cpu().numpy().mean(axis=0)
+        """The scan on the host, channels averaged (RGB -> grey): ``(*source_spatial)``; a
+        single-channel scan is a view of the scan itself (no copy)."""
+        image = self.explanation.scan.image.detach().cpu().numpy()
+        return image[0] if image.shape[0] == 1 else image.mean(axis=0)
+
+    def window_limits(self) -> tuple[float, float]:
+        """Display window of the scan (1st-99th percentile, from a subsample), computed once
+        for the pictures (PNG) and the Secondary Captures of a source without its own window."""
+        if "_window" not in self._ranges:
+            from medcam.writers.figures import window_limits
+
+            self._ranges["_window"] = window_limits(self.image)
+        return self._ranges["_window"]
+
+    def value_range(self, k: int) -> tuple[float, float]:
+        """``(min, max)`` of map ``k`` (computed once, shared by the writers)."""
+        if k not in self._ranges:
+            h = self.heat[k]
+            self._ranges[k] = (float(h.min()), float(h.max())) if h.size else (0.0, 0.0)
+        return self._ranges[k]
 
     @property
     def scan(self) -> Any:

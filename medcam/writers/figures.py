@@ -52,28 +52,18 @@ def window(image: np.ndarray, lo: float | None = None, hi: float | None = None) 
 
 
 def _colormap_lut(cmap: str) -> np.ndarray:
-    """``(N, 3)`` float64 RGB table of a matplotlib colormap (its own ``_lut``)."""
+    """``(N, 3)`` float32 RGB table of a matplotlib colormap (its own look-up table)."""
     table = _LUTS.get(cmap)
     if table is None:
         import matplotlib
 
         colormap = matplotlib.colormaps[cmap]
-        table = colormap(np.arange(colormap.N))[:, :3]  # integer input: the table's rows
+        table = colormap(np.arange(colormap.N))[:, :3].astype(np.float32)  # the table's rows
         _LUTS[cmap] = table
     return table
 
 
 _LUTS: dict[str, np.ndarray] = {}
-
-
-def _colors(h01: np.ndarray, cmap: str) -> np.ndarray:
-    """``matplotlib.colormaps[cmap](h01)[..., :3]`` for ``h01`` in [0, 1] (float32), by table
-    look-up: the same index (``int(h * N)``, 1.0 -> N - 1) and colours, without RGBA floats."""
-    lut = _colormap_lut(cmap)
-    n = lut.shape[0]
-    index = (h01 * np.float32(n)).astype(np.intp)
-    np.minimum(index, n - 1, out=index)
-    return lut[index]
 
 
 def blend_rgb(
@@ -82,13 +72,22 @@ def blend_rgb(
     """RGB uint8 ``(..., 3)``: colormapped heat over a gray image, opacity ``alpha * heat/vmax``.
 
     Where the heat is zero the image shows unchanged, so the overlay never hides anatomy the
-    model ignored.
+    model ignored. Colours are those of ``matplotlib.colormaps[cmap]`` (its table, indexed as
+    matplotlib indexes it), blended in float32 one image at a time.
     """
-    h = np.clip(np.asarray(heat, np.float32) / (vmax if vmax > 0 else 1.0), 0.0, 1.0)
-    color = _colors(h, cmap)
-    a = (alpha * h)[..., None]
-    rgb = (1 - a) * gray01[..., None] + a * color
-    return np.round(rgb * 255).astype(np.uint8)
+    h = np.asarray(heat, np.float32) / np.float32(vmax if vmax > 0 else 1.0)
+    np.clip(h, 0.0, 1.0, out=h)
+    lut = _colormap_lut(cmap)
+    index = (h * np.float32(lut.shape[0])).astype(np.intp)  # matplotlib: int(h * N), 1 -> N - 1
+    np.minimum(index, lut.shape[0] - 1, out=index)
+    gray = np.asarray(gray01, np.float32)[..., None]
+    rgb = lut[index]  # (..., 3)
+    rgb -= gray
+    h *= np.float32(alpha * 255.0)  # opacity, scaled to 8 bits
+    rgb *= h[..., None]
+    rgb += gray * np.float32(255.0)  # 255 * ((1 - a) * gray + a * colour)
+    np.rint(rgb, out=rgb)
+    return rgb.astype(np.uint8)
 
 
 def _canonical(volume: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

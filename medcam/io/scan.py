@@ -169,6 +169,13 @@ def load_scan(source: str | Path | Any) -> Scan:
     InputError
         Missing path, unsupported format, inconsistent DICOM series, NaN/Inf voxels.
     """
+    from medcam.progress import stage
+
+    with stage("load"):
+        return _load(source)
+
+
+def _load(source: str | Path | Any) -> Scan:
     from monai.data import MetaTensor
 
     if isinstance(source, MetaTensor):

@@ -140,3 +140,49 @@ def test_missing_and_unreadable_paths(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(medcam.InputError, match="not a DICOM image"):
         medcam.load_scan(tmp_path / "junk.dcm")
+
+
+def _pydicom_volume(scan) -> np.ndarray:
+    """The reference: each file decoded by pydicom and rescaled in float64, stacked as
+    ``(X, Y, Z)`` in the scan's slice order."""
+    from pydicom.pixels import apply_rescale
+
+    slices = []
+    for ds in scan.datasets:
+        full = pydicom.dcmread(ds.filename)
+        slices.append(apply_rescale(full.pixel_array, full).T)
+    return np.stack(slices, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("rescale", [(1.0, -1024.0), (0.37, -812.5)], ids=["ct", "fractional"])
+def test_series_volume_is_float32_in_frame_order_and_equals_pydicom(tmp_path, rescale):
+    g = _oblique_geometry()
+    vol = blob_phantom(g, g.affine_lps[:3] @ [12, 10, 7, 1], 5.0, body_radius_mm=50)
+    write_dicom_series(vol, g, tmp_path, shuffle=True, rescale=rescale)
+    scan = medcam.load_scan(tmp_path)
+    image = scan.image[0].numpy()
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, _pydicom_volume(scan))  # one float32 rounding, exact
+    # memory runs X fastest, then Y, then Z (DICOM frames / NIfTI order): no reordering copy,
+    # and each slice, as a DICOM frame (rows, columns), is one contiguous block
+    assert image.strides == (4, 4 * g.shape[0], 4 * g.shape[0] * g.shape[1])
+    assert image[:, :, 3].T.flags.c_contiguous
+    # the datasets keep no pixel data (the volume is the only copy)
+    assert all("PixelData" not in ds for ds in scan.datasets)
+
+
+def test_enhanced_and_nifti_volumes_load_in_file_order(tmp_path):
+    from medcam.data.synthetic import write_enhanced_ct
+
+    g = _oblique_geometry()
+    vol = blob_phantom(g, g.affine_lps[:3] @ [12, 10, 7, 1], 5.0, body_radius_mm=50)
+    order = list(np.random.default_rng(3).permutation(g.shape[2]))
+    path = write_enhanced_ct(vol, g, tmp_path / "mf.dcm", frame_order=order)
+    scan = medcam.load_scan(path)
+    np.testing.assert_allclose(scan.image[0].numpy(), vol, atol=0.51)
+    assert scan.image[0].numpy().strides[0] == 4
+    nii = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), nii)
+    image = medcam.load_scan(nii).image[0].numpy()
+    np.testing.assert_array_equal(image, vol)
+    assert image.strides[0] == 4  # nibabel's Fortran-ordered array, used as it is

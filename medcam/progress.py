@@ -20,7 +20,15 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["Reporter", "StageTimes", "case", "current_case", "reporting", "stage"]
+__all__ = [
+    "Reporter",
+    "StageTimes",
+    "case",
+    "current_case",
+    "current_reporter",
+    "reporting",
+    "stage",
+]
 
 
 class Reporter(Protocol):
@@ -35,6 +43,11 @@ _reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar(
     "medcam_reporter", default=None
 )
 _case: contextvars.ContextVar[str] = contextvars.ContextVar("medcam_case", default="")
+
+
+def current_reporter() -> Reporter | None:
+    """The reporter stages go to here (``None``: nobody listens)."""
+    return _reporter.get()
 
 
 def current_case() -> str:

@@ -377,22 +377,22 @@ def resample_to_grid(
     grid: GridMap,
     scan_shape: Sequence[int],
     *,
-    channels_last_memory: bool = True,
+    first_axis_fastest: bool = False,
 ) -> torch.Tensor:
     """Sample ``maps: (K, *model_spatial)`` at every scan voxel: ``(K, *scan_shape)`` float32
     on the maps' device.
 
-    ``channels_last_memory`` (the default) lays the result out in memory with the first scan
-    axis fastest (a transposed view, as :func:`medcam.load_scan` lays out volumes and as NIfTI
-    and DICOM frames store them); ``False`` gives a C-contiguous tensor. Slabs along the
-    slowest axis bound the temporaries (:data:`SLAB_ELEMENTS`).
+    The result is C-contiguous, like :func:`medcam.load_scan`'s volumes (MONAI's layout);
+    ``first_axis_fastest`` lays it out with the first scan axis fastest instead (a transposed
+    view; NIfTI and DICOM frame order). Slabs along the slowest axis bound the temporaries
+    (:data:`SLAB_ELEMENTS`).
     """
     maps = maps.float()
     device = maps.device
     nd = len(scan_shape)
     k = maps.shape[0]
     model_shape = tuple(maps.shape[1:])
-    order = list(range(nd))[::-1] if channels_last_memory else list(range(nd))  # slow -> fast
+    order = list(range(nd))[::-1] if first_axis_fastest else list(range(nd))  # slow -> fast
     out_mem = torch.empty((k, *[scan_shape[c] for c in order]), dtype=torch.float32,
                           device=device)  # fmt: skip
     m = grid.index_map

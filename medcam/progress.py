@@ -17,10 +17,11 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 __all__ = [
+    "BarReporter",
     "Reporter",
     "StageTimes",
     "case",
@@ -120,3 +121,30 @@ class StageTimes:
     def summary(times: dict[str, float]) -> str:
         """``load 1.2 s, explain 0.1 s, ...`` in the order the stages ran."""
         return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items())
+
+
+class BarReporter:
+    """Shows, on a progress bar (``tqdm``), the stage each case is in: ``case: stage``
+    (several cases when they overlap)."""
+
+    def __init__(self, bar: Callable[[], Any]) -> None:
+        self._bar = bar  # the bar to write on (made later than this reporter)
+        self._running: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _show(self) -> None:
+        bar = self._bar()
+        if bar is not None:
+            text = " | ".join(f"{c}: {s}" if c else s for c, s in self._running.items())
+            bar.set_postfix_str(text, refresh=True)
+
+    def started(self, case: str, stage: str) -> None:
+        with self._lock:
+            self._running[case] = stage
+            self._show()
+
+    def finished(self, case: str, stage: str, seconds: float) -> None:
+        with self._lock:
+            if self._running.get(case) == stage:
+                del self._running[case]
+            self._show()

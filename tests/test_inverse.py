@@ -157,8 +157,8 @@ def test_layout_memory_order_and_values():
     x = pre({"image": image})["image"]
     grid = compose_inverse(x, image.affine, SHAPE)
     cam = _model_map(x.shape[1:])
-    f = resample_to_grid(cam, grid, SHAPE)
-    c = resample_to_grid(cam, grid, SHAPE, channels_last_memory=False)
+    f = resample_to_grid(cam, grid, SHAPE, first_axis_fastest=True)
+    c = resample_to_grid(cam, grid, SHAPE)
     assert c.is_contiguous() and not f.is_contiguous()
     assert f.stride()[1] == 1  # the first scan axis is the fastest in memory
     np.testing.assert_allclose(f.numpy(), c.numpy(), atol=1e-6)  # summed in another order

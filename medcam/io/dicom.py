@@ -80,9 +80,8 @@ class DicomVolume:
     Attributes
     ----------
     array:
-        ``(X, Y, Z)`` float32 (columns, rows, slices) for a volume; ``(X, Y)`` for a 2D image.
-        Its memory runs X fastest (a transposed view of ``(Z, Y, X)``: DICOM frame and NIfTI
-        order), so slices and frames are contiguous blocks.
+        ``(X, Y, Z)`` float32 (columns, rows, slices) for a volume; ``(X, Y)`` for a 2D image;
+        C-contiguous (MONAI's layout), converted from the files once.
     affine_lps:
         4x4 voxel-index to LPS-mm map (``None`` for a 2D image without geometry). For a volume
         its third column points along ``+cross(row, column cosines)``.
@@ -136,28 +135,39 @@ def _modality_values(ds) -> np.ndarray:
     return apply_rescale(_pixels(ds), ds)
 
 
-def _volume(columns: int, rows: int, slices: int) -> np.ndarray:
-    """An empty ``(X, Y, Z)`` float32 volume whose memory runs X fastest, then Y, then Z.
+#: Slices converted per block when a volume is filled (a few MB of frames at a time).
+BLOCK_SLICES = 16
 
-    That is the DICOM frame order (a slice is ``rows x columns``, columns fastest) and the
-    NIfTI/ITK voxel order, so slices are filled, and PM/SEG frames or NIfTI data written, as
-    contiguous blocks without reordering the volume; NumPy and torch see an ordinary
-    ``(X, Y, Z)`` array (a transposed view of a ``(Z, Y, X)`` buffer).
+
+def _fill_volume(columns: int, rows: int, slices: int, fill) -> np.ndarray:
+    """A ``(X, Y, Z)`` float32 volume (C-contiguous, MONAI's layout) from its slices:
+    ``fill(z, plane)`` writes slice ``z`` as a ``(rows, columns)`` frame into ``plane``.
+
+    Frames are converted into a small block of :data:`BLOCK_SLICES` frames, then copied into
+    the volume together (one transposing copy per block, cache-friendly), so no second volume
+    is ever allocated.
     """
-    return np.empty((slices, rows, columns), np.float32).transpose(2, 1, 0)
+    values = np.empty((columns, rows, slices), np.float32)
+    block = np.empty((min(BLOCK_SLICES, slices), rows, columns), np.float32)
+    for z0 in range(0, slices, len(block)):
+        z1 = min(z0 + len(block), slices)
+        for z in range(z0, z1):
+            fill(z, block[z - z0])
+        values[:, :, z0:z1] = block[: z1 - z0].transpose(2, 1, 0)
+    return values
 
 
 def _stack_slices(datasets: list) -> np.ndarray:
     """``(X, Y, Z)`` float32 from sorted single-frame datasets, each slice converted straight
     into its place (no whole-volume temporary); each dataset's pixel data is dropped once
-    copied, so the encoded and the decoded volume are never both held in full."""
+    converted, so the encoded and the decoded volume are never both held in full."""
+
+    def fill(z: int, plane: np.ndarray) -> None:
+        _fill_modality_values(plane, datasets[z])
+        _drop_pixels(datasets[z])
+
     first = datasets[0]
-    values = _volume(int(first.Columns), int(first.Rows), len(datasets))
-    planes = values.transpose(2, 1, 0)  # (Z, rows, columns) view of the same memory
-    for z, ds in enumerate(datasets):
-        _fill_modality_values(planes[z], ds)
-        _drop_pixels(ds)
-    return values
+    return _fill_volume(int(first.Columns), int(first.Rows), len(datasets), fill)
 
 
 def _fill_modality_values(dst: np.ndarray, ds) -> None:
@@ -371,7 +381,7 @@ def _read_2d(ds) -> DicomVolume:
     pixels = _modality_values(ds)
     if pixels.ndim == 3:  # colour: (rows, cols, 3) -> keep luminance
         pixels = pixels.mean(axis=-1)
-    pixels = pixels.astype(np.float32, copy=False)
+    pixels = np.ascontiguousarray(pixels.T, dtype=np.float32)  # (X, Y)
     affine = None
     if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
         iop = _floats(ds.ImageOrientationPatient)
@@ -381,7 +391,7 @@ def _read_2d(ds) -> DicomVolume:
         affine[:3, 1] = iop[3:] * sp[0]
         affine[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.get("SliceThickness", 1.0) or 1.0)
         affine[:3, 3] = _floats(ds.ImagePositionPatient)
-    return DicomVolume(pixels.T, affine, [_drop_pixels(ds)], "2d")  # (X, Y) view
+    return DicomVolume(pixels, affine, [_drop_pixels(ds)], "2d")
 
 
 # ----------------------------------------------------------------------------- enhanced
@@ -458,11 +468,13 @@ def _read_enhanced(ds, path: Path) -> DicomVolume:
     pixels = _pixels(ds)
     if pixels.ndim == 2:
         pixels = pixels[None]
-    values = _volume(int(ds.Columns), int(ds.Rows), n)  # (X, Y, Z)
-    planes = values.transpose(2, 1, 0)
-    for z, f in enumerate(order):
+
+    def fill(z: int, plane: np.ndarray) -> None:
+        f = order[z]
         slope, intercept = slopes[f]
-        planes[z] = pixels[f].astype(np.float64) * slope + intercept
+        plane[...] = pixels[f].astype(np.float64) * slope + intercept
+
+    values = _fill_volume(int(ds.Columns), int(ds.Rows), n, fill)  # (X, Y, Z)
     frames = [int(f) + 1 for f in order]
     return DicomVolume(values, affine, [_drop_pixels(ds)], "enhanced", frames)
 
@@ -540,11 +552,10 @@ def _read_mosaic(ds, path: Path) -> DicomVolume:
             "its slice spacing is unknown."
         )
     step = float(step)
-    values = _volume(cols, rows, n)  # (X, Y, Z)
     if sign < 0:  # tiles run against cross(row, col): store them ascending along it
         stack = stack[::-1]
         first = first - (n - 1) * step * normal
-    values.transpose(2, 1, 0)[:] = stack
+    values = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)), dtype=np.float32)  # (X, Y, Z)
     affine = np.eye(4)
     affine[:3, 0] = row_cos * col_spacing
     affine[:3, 1] = col_cos * row_spacing

@@ -28,9 +28,8 @@ class Scan:
     image:
         ``monai.data.MetaTensor`` ``(C, *spatial)`` float32, channel-first; ``image.affine`` is
         the voxel-to-RAS-mm affine (4x4), ``image.meta`` carries ``filename_or_obj``,
-        ``original_affine`` and ``spatial_shape`` as MONAI's ``LoadImage`` would. A DICOM or
-        NIfTI volume keeps its file's voxel order in memory (X fastest: the tensor is a
-        transposed view, not contiguous), so it is loaded without reordering copies.
+        ``original_affine`` and ``spatial_shape`` as MONAI's ``LoadImage`` would;
+        C-contiguous.
     kind:
         ``"nifti"``, ``"dicom-series"`` (a DICOM volume: a slice series or an Enhanced
         multi-frame object), ``"dicom-mosaic"`` (a Siemens MOSAIC, unpacked to 3D: a volume, but
@@ -124,9 +123,10 @@ def _metatensor(
         "space": "RAS",
         "original_channel_dim": "no_channel",
     }
-    if any(s < 0 for s in arr.strides):  # torch takes any layout but negative strides
-        arr = np.ascontiguousarray(arr)
-    tensor = torch.from_numpy(arr)  # shares the array's memory, in its layout (no copy)
+    # C-contiguous, as MONAI lays volumes out (its grid sampling reads a volume whose first
+    # axis runs fastest ten times slower): no copy for DICOM, which is read that way; NIfTI
+    # data comes from nibabel in file (Fortran) order and is reordered once
+    tensor = torch.from_numpy(np.ascontiguousarray(arr))  # shares the array's memory
     return MetaTensor(tensor, affine=torch.as_tensor(affine_ras), meta=meta)
 
 

@@ -415,15 +415,16 @@ def file_frame_slices(ds, scan) -> np.ndarray:
     return np.asarray(slices, dtype=np.int64)
 
 
-def volume_frames(volume: np.ndarray, slices: np.ndarray, frame_bytes: int | None = None):
+def volume_frames(volume: np.ndarray, slices: np.ndarray):
     """Yield the frames ``volume[:, :, z].T`` for ``z`` in ``slices``, in slabs ``(s, rows,
     columns)`` of at most :data:`SLAB_BYTES`, C-contiguous.
 
-    A volume whose memory runs X fastest (as :func:`medcam.load_scan` and the scan-grid
-    resampling make them) gives its slabs without copying; another layout costs one slab copy.
+    Each slab is one copy of its frames (none when the volume's memory already runs X fastest).
     """
+    from medcam.writers.registry import slab_zyx
+
     zyx = np.transpose(volume, (2, 1, 0))
-    per_frame = frame_bytes or max(1, zyx[0].nbytes)
+    per_frame = max(1, zyx[0].nbytes)
     step = max(1, SLAB_BYTES // per_frame)
     slices = np.asarray(slices)
     start = 0
@@ -432,6 +433,8 @@ def volume_frames(volume: np.ndarray, slices: np.ndarray, frame_bytes: int | Non
         while stop < len(slices) and stop - start < step and slices[stop] == slices[stop - 1] + 1:
             stop += 1
         z0, z1 = int(slices[start]), int(slices[stop - 1]) + 1
-        block = zyx[z0:z1] if z1 - z0 == stop - start else zyx[slices[start:stop]]
-        yield np.ascontiguousarray(block)
+        if z1 - z0 == stop - start:  # consecutive slices
+            yield slab_zyx(volume, z0, z1)
+        else:
+            yield np.ascontiguousarray(zyx[slices[start:stop]])
         start = stop

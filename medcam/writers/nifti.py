@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medcam.writers.registry import CaseOutput, register_format
+from medcam.writers.registry import CaseOutput, register_format, slab_zyx
 
 __all__ = ["heatmap_to_nifti", "nifti_bytes", "write_nifti", "write_nifti_file"]
 
@@ -93,7 +93,39 @@ def write_nifti_file(img, target, compress: bool = True) -> None:
                 gzip.GzipFile(filename="", mode="wb", compresslevel=COMPRESS_LEVEL, fileobj=f,
                               mtime=0)
             )  # fmt: skip
-        img.to_file_map(img.make_file_map({"image": f, "header": f}))
+        if not _write_in_slabs(img, f):
+            img.to_file_map(img.make_file_map({"image": f, "header": f}))
+
+
+def _write_in_slabs(img, f) -> bool:
+    """Write a float32 map (slope 1, intercept 0) as nibabel would, its voxels in Fortran
+    order taken slab by slab (a few slices reordered at a time). nibabel itself gathers each
+    slice of a C-ordered volume element by element; a C-ordered 512 x 512 x 300 map took
+    ~5x as long. Returns ``False`` (nothing written) for anything else, which nibabel writes.
+    """
+    import nibabel as nib
+
+    data = np.asanyarray(img.dataobj)
+    header = img.header
+    if (
+        not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
+        or data.ndim not in (2, 3)
+        or data.flags.f_contiguous
+        or data.dtype != np.dtype("<f4")
+        or header.get_data_dtype() != np.dtype("<f4")
+        or tuple(float(v) for v in header.get_slope_inter()) != (1.0, 0.0)
+    ):
+        return False
+    img.update_header()
+    start = f.tell()
+    header.write_to(f)  # the header and its extensions, as nibabel writes them
+    offset = int(header.get_data_offset())
+    f.write(b"\x00" * (offset - (f.tell() - start)))
+    volume = data if data.ndim == 3 else data[:, :, None]
+    step = max(1, (32 << 20) // max(1, volume[:, :, 0].nbytes))
+    for z0 in range(0, volume.shape[2], step):
+        f.write(slab_zyx(volume, z0, min(z0 + step, volume.shape[2])))
+    return True
 
 
 @register_format("nifti", order=10, description="NIfTI map on the scan grid")

@@ -35,6 +35,7 @@ __all__ = [
     "check_formats",
     "get_format",
     "register_format",
+    "slab_zyx",
 ]
 
 # What a format needs from the source scan.
@@ -253,3 +254,17 @@ class CaseOutput:
     def series_number(self, k: int, offset: int) -> int:
         """DICOM SeriesNumber of the ``offset``-th DICOM format for map ``k``."""
         return int(self.options.get("series_number_base", 9000)) + 10 * k + offset
+
+
+def slab_zyx(volume: np.ndarray, z0: int, z1: int) -> np.ndarray:
+    """Slices ``z0:z1`` of an ``(X, Y, Z)`` volume as C-contiguous ``(z1 - z0, Y, X)`` frames
+    (DICOM frames, NIfTI's voxel order), copied in column blocks: a plain transposing copy of
+    a C-ordered volume reads one page per voxel and takes about twice as long."""
+    block = volume[:, :, z0:z1]
+    if block.T.flags.c_contiguous:
+        return block.T
+    out = np.empty(block.shape[::-1], dtype=volume.dtype)
+    step = 32
+    for x0 in range(0, block.shape[0], step):
+        out[:, :, x0 : x0 + step] = block[x0 : x0 + step].transpose(2, 1, 0)
+    return out

@@ -175,15 +175,18 @@ def test_heatmap_memory_layout_does_not_change_the_file(source, tmp_path):
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
-def test_nifti_is_nibabels_own_serialisation_streamed_through_gzip(tmp_path):
+@pytest.mark.parametrize("shape", [(20, 30, 10), (20, 30)], ids=["3d", "2d"])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_nifti_is_nibabels_own_serialisation_streamed_through_gzip(tmp_path, layout, shape):
     from medcam.writers.nifti import heatmap_to_nifti, write_nifti_file
 
-    heat = np.asfortranarray(np.random.default_rng(0).random((20, 30, 10)).astype(np.float32))
+    heat = np.random.default_rng(0).random(shape).astype(np.float32)
+    heat = np.asfortranarray(heat) if layout == "F" else np.ascontiguousarray(heat)
     img = heatmap_to_nifti(heat, np.diag([2.0, 2.0, 3.0, 1.0]))
     write_nifti_file(img, tmp_path / "a.nii.gz")
     raw = (tmp_path / "a.nii.gz").read_bytes()
     assert raw[4:8] == b"\x00\x00\x00\x00"  # gzip header without a time stamp: reproducible
-    assert gzip.decompress(raw) == img.to_bytes()
+    assert gzip.decompress(raw) == img.to_bytes()  # nibabel's own bytes for the image
     back = nib.load(tmp_path / "a.nii.gz")
     np.testing.assert_array_equal(np.asarray(back.dataobj), heat)
 

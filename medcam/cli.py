@@ -26,12 +26,15 @@ def _model_options(f):
 
 
 def _window_options(f):
-    f = click.option("--overlap", type=float, default=0.25, show_default=True,
-                     help="Sliding-window overlap.")(f)  # fmt: skip
-    f = click.option("--sw-batch-size", type=int, default=1, show_default=True,
-                     help="Windows per forward pass.")(f)  # fmt: skip
+    f = click.option("--overlap", type=float, default=None,
+                     help="Sliding-window overlap (default: the bundle's, else 0.25).",
+                     )(f)  # fmt: skip
+    f = click.option("--sw-batch-size", type=int, default=None,
+                     help="Windows per forward pass without gradients (default: the bundle's, "
+                     "else 1).")(f)  # fmt: skip
     f = click.option("--roi-size", help="Explain in sliding windows of this size, e.g. "
-                     "96,96,96 (fully convolutional networks on large volumes).")(f)  # fmt: skip
+                     "96,96,96 (default: a --bundle's own SlidingWindowInferer; without one, the "
+                     "whole volume).")(f)  # fmt: skip
     return f
 
 
@@ -352,9 +355,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     type=click.Path(exists=True, dir_okay=False),
     help="CSV with columns scan, heatmap (optional), date (optional), label (optional).",
 )
-@click.option(
-    "--dates", help="Comma-separated YYYY-MM-DD, one per VISIT (default: DICOM StudyDate)."
-)
+@click.option("--dates", help="Comma-separated dates, one per VISIT, YYYY-MM-DD or YYYYMMDD "
+              "(default: DICOM StudyDate).")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
 @click.option("--method", default="gradcam", show_default=True)
@@ -369,24 +371,41 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     "--threshold",
     type=float,
     default=None,
-    help="Activation threshold in heatmap units (default: half the baseline maximum).",
+    help="Activation threshold in heatmap units (default: --threshold-fraction x the maximum "
+    "over all visits).",
 )
+@click.option("--threshold-fraction", type=float, default=0.5, show_default=True,
+              help="Default threshold as a fraction of the maximum over all visits.")  # fmt: skip
+@click.option("--format", "formats", default=None,
+              help="Comma-separated outputs: nifti, dicom-pm, png (difference maps), dicom-sr "
+              "(SEG + TID 1500 SR per visit), csv, json, html. Default: all that apply (DICOM "
+              "ones for DICOM visits).")  # fmt: skip
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 2, nothing written) when a registration or threshold is "
+              "outside the stated limits, instead of flagging it.")  # fmt: skip
 @click.option("--mr", is_flag=True, help="MR (no CT body threshold; Otsu mask instead).")
 def compare(visits, out, manifest, dates, bundle, model_spec, weights, preprocess, device, layers,
-            method, target, registration, threshold, mr) -> None:  # fmt: skip
+            method, target, registration, threshold, threshold_fraction, formats, strict,
+            mr) -> None:  # fmt: skip
     """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
     from medcam.longitudinal import compare as run_compare
+    from medcam.longitudinal.report import finding_summary, summary_findings, visit_summary
+    from medcam.longitudinal.timepoint import parse_date
     from medcam.runner import load_model, load_timepoints, parse_target, read_manifest
 
     def work():
         if bool(manifest) == bool(visits):
             raise MedcamError("Give the visits as arguments or as --manifest, not both or none.")
+        fmt = None if formats is None else [f.strip() for f in formats.split(",") if f.strip()]
         if manifest:
             entries = read_manifest(manifest)
         else:
-            date_list = dates.split(",") if dates else [None] * len(visits)
+            date_list = [d.strip() for d in dates.split(",")] if dates else [None] * len(visits)
             if len(date_list) != len(visits):
                 raise MedcamError(f"{len(date_list)} --dates for {len(visits)} visits.")
+            for v, d in zip(visits, date_list, strict=True):
+                if d is not None:
+                    parse_date(d, Path(v).name)  # a bad date fails before any model runs
             entries = [{"scan": v, "date": d} for v, d in zip(visits, date_list, strict=True)]
         spec = None
         if bundle or model_spec:
@@ -395,15 +414,23 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
         layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
         tps = load_timepoints(entries, spec, layers=layer_arg, method=method,
                               target=parse_target(target))  # fmt: skip
-        result = run_compare(tps, registration=registration, threshold=threshold, out=out,
-                             body_threshold=None if mr else -500.0)  # fmt: skip
+        result = run_compare(tps, registration=registration, threshold=threshold,
+                             threshold_fraction=threshold_fraction, out=out, formats=fmt,
+                             strict=strict, body_threshold=None if mr else -500.0)  # fmt: skip
+        click.echo(f"threshold: {result.threshold_rule}")
         for row in result.rows:
-            click.echo(
-                f"{row['date']} (day {row['days']:4d}): activated {row['volume_ml']:.2f} mL "
-                f"({row['volume_change_pct']:+.1f} %), centroid shift "
-                f"{row['centroid_shift_mm']:.2f} mm, Dice {row['dice']:.2f}"
-            )
-        click.echo(f"report: {Path(out) / 'report.html'}")
+            click.echo(visit_summary(row))
+        shown = summary_findings(result)
+        for finding in shown:
+            click.echo(finding_summary(finding, result))
+        if len(shown) < len(result.findings):
+            click.echo(f"{len(result.findings) - len(shown)} smaller finding(s): see the report")
+        if not result.findings:
+            click.echo("no finding above the threshold at any visit")
+        if result.flags:
+            click.echo(f"{len(result.flags)} flag(s): check the report before using these numbers")
+        if result.outputs.get("html"):
+            click.echo(f"report: {result.outputs['html'][0]}")
 
     _run(work)
 

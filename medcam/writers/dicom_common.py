@@ -14,6 +14,7 @@ from medcam.errors import MedcamError
 __all__ = [
     "DicomIdentity",
     "FramePixels",
+    "complete_type2",
     "copy_source_geometry",
     "derived_uid",
     "file_frame_slices",
@@ -134,8 +135,37 @@ def frames_for_source(frames: np.ndarray, scan) -> np.ndarray:
     return out
 
 
+# Type 2 attributes of the patient and study modules that highdicom copies from the source (it
+# reads them unconditionally); a source may lack them (anonymised series, some scanners).
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def complete_type2(datasets: list) -> list:
+    """``datasets`` where each one missing a :data:`PATIENT_STUDY_TYPE2` attribute is replaced by
+    a shallow copy holding it empty (type 2: present, value unknown); the sources are unchanged."""
+    from pydicom import Dataset
+
+    out = []
+    for ds in datasets:
+        missing = [k for k in PATIENT_STUDY_TYPE2 if k not in ds]
+        if missing:
+            copy = Dataset()
+            copy.update(ds)  # shares the element objects, pixel data is not copied
+            copy.file_meta = getattr(ds, "file_meta", Dataset())
+            for k in missing:
+                setattr(copy, k, "")
+            ds = copy
+        out.append(ds)
+    return out
+
+
 def source_images(scan) -> list:
     """The source datasets to hand highdicom as ``source_images``.
+
+    Missing type 2 patient/study attributes are added empty (:func:`complete_type2`).
 
     highdicom reads an Enhanced source's orientation and pixel spacing from the shared
     functional groups only; some scanners (Philips) put them in every per-frame group. Such a
@@ -145,8 +175,8 @@ def source_images(scan) -> list:
     the references are to the real source.
     """
     if getattr(scan, "source_frames", None) is None:
-        return list(scan.datasets)
-    ds = scan.datasets[0]
+        return complete_type2(list(scan.datasets))
+    ds = complete_type2(scan.datasets[:1])[0]
     moved = ("PlaneOrientationSequence", "PixelMeasuresSequence")
     shared = (
         ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None

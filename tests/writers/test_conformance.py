@@ -199,3 +199,37 @@ def test_secondary_capture_laterality_follows_the_body_part(tmp_path, body_part,
     sc.save_as(tmp_path / "sc.dcm")
     assert sc.get("Laterality") == expected
     assert_valid([info.files[0], tmp_path / "sc.dcm"])
+
+
+def test_a_source_without_patient_and_study_type2_attributes(tmp_path):
+    """An anonymised series lacking PatientID, PatientBirthDate, StudyDate, ...: every DICOM
+    object is written, valid, with the attributes present and empty; the source is untouched."""
+    from monai.transforms import ScaleIntensityRange
+
+    from medcam.data.synthetic import blob_phantom, write_dicom_series
+    from tests.conftest import IntensityCAM
+
+    g = Geometry((12, 10, 6), (1.5, 1.5, 3.0), (-9.0, -7.5, 0.0))
+    info = write_dicom_series(blob_phantom(g, g.affine_lps[:3] @ [6, 5, 3, 1], 4.0), g,
+                              tmp_path / "series")  # fmt: skip
+    dropped = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+               "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")  # fmt: skip
+    for f in info.files:
+        ds = pydicom.dcmread(f)
+        for keyword in dropped:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(f)
+    before = {f: f.read_bytes() for f in info.files}
+    window = ScaleIntensityRange(100.0, 300.0, 0.0, 1.0, clip=True)
+    ex = medcam.explain_scan(IntensityCAM().eval(), tmp_path / "series", target=0, layers="conv",
+                             preprocess=window)  # fmt: skip
+    written = medcam.write_outputs(ex, tmp_path / "out", ["dicom-pm", "dicom-seg", "dicom-sc"])
+    pm, seg = written["dicom-pm"][0], written["dicom-seg"][0]
+    sc = sorted(written["dicom-sc"][0].iterdir())
+    for path in (pm, seg, sc[0]):
+        ds = pydicom.dcmread(path)
+        assert all(keyword in ds and not ds[keyword].value for keyword in dropped[:4])
+    # the source's own gap, passed on: empty IDs and dates cannot index a DICOMDIR
+    assert_valid([pm, seg, *sc], source_warnings=(r"needed to build DICOMDIR",))
+    assert {f: f.read_bytes() for f in info.files} == before

@@ -402,9 +402,12 @@ def explain_scan(
         scan = load_scan(scan)
     if explainer is None:
         explainer = Explainer(model, layers, method, **explainer_kwargs)
+    from medcam.progress import stage
+
     # preprocessing, CAM and inversion all run on the model's device (no host round trip)
-    model_input = preprocess_scan(scan, preprocess, model_device(explainer.model, scan.image),
-                                  expect)  # fmt: skip
+    with stage("preprocess"):
+        model_input = preprocess_scan(scan, preprocess, model_device(explainer.model, scan.image),
+                                      expect)  # fmt: skip
     # a plain tensor into the network: MetaTensor's per-op metadata handling slows every layer
     plain = model_input.as_tensor() if hasattr(model_input, "as_tensor") else model_input
     batch = torch.as_tensor(plain)[None]
@@ -420,7 +423,9 @@ def explain_scan(
                 "extra_inputs / forward_kwargs need the whole input in one forward pass; they "
                 "cannot be combined with sliding windows (roi_size, a SlidingWindowInferer)."
             )
-        cam = explainer((batch, *extra), resolve_target(target), forward_kwargs=forward_kwargs)
+        with stage("explain"):
+            cam = explainer((batch, *extra), resolve_target(target), forward_kwargs=forward_kwargs)
     else:
-        cam = explain_with_inferer(explainer, batch, target, window)
+        with stage("explain"):
+            cam = explain_with_inferer(explainer, batch, target, window)
     return on_source(scan, cam, model_input, preprocess, normalize)

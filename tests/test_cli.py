@@ -225,3 +225,19 @@ def test_layers_input_size_is_checked():
         )
         assert result.exit_code == 2, (bad, result.output)
         assert "--input-size" in result.output and "positive integers" in result.output
+
+
+def test_progress_lines_per_case_and_quiet(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    args = ["explain", str(folder), "--model", "tests.helpers:intensity_cam_3d", "--layer", "conv",
+            "--target", "0", "--format", "nifti,json"]  # fmt: skip
+    loud = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert loud.exit_code == 0, loud.output
+    lines = [line for line in loud.output.splitlines() if "outputs): " in line]
+    assert len(lines) == 2  # one per case, with its stage times
+    for line in lines:
+        for stage in ("load", "preprocess", "explain", "back to scan", "nifti", "json"):
+            assert f"{stage} " in line.split("outputs): ", 1)[1]
+    quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output == ""
+    assert len(list((tmp_path / "b").rglob("*.nii.gz"))) == 2

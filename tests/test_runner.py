@@ -96,9 +96,11 @@ def test_a_folder_overlapped_writes_what_a_serial_run_writes(tmp_path):
                             formats=["nifti", "json"], prefetch=0, log=lambda _: None)  # fmt: skip
     ahead = explain_inputs(spec, [folder], tmp_path / "ahead", target=0, layers="conv",
                            formats=["nifti", "json"], prefetch=2, log=lambda _: None)  # fmt: skip
-    assert [r["input"] for r in ahead] == [r["input"] for r in serial] == [
-        str(folder / f"case{i}.nii.gz") for i in range(4)
-    ]
+    assert (
+        [r["input"] for r in ahead]
+        == [r["input"] for r in serial]
+        == [str(folder / f"case{i}.nii.gz") for i in range(4)]
+    )
     assert [r["case"] for r in ahead] == [r["case"] for r in serial]
     a, b = _tree(tmp_path / "serial"), _tree(tmp_path / "ahead")
     assert len(a) == 8 and a.keys() == b.keys()

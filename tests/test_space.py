@@ -166,8 +166,11 @@ def _monai_reference(ex, preprocess):
     from monai.data import MetaTensor
 
     model_input = preprocess(ex.scan.image)
-    wrapped = MetaTensor(ex.cam.heatmap[0], meta=copy.deepcopy(model_input.meta),
-                         applied_operations=copy.deepcopy(model_input.applied_operations))
+    wrapped = MetaTensor(
+        ex.cam.heatmap[0],
+        meta=copy.deepcopy(model_input.meta),
+        applied_operations=copy.deepcopy(model_input.applied_operations),
+    )
     return preprocess.inverse(wrapped).as_tensor().float()
 
 

@@ -116,8 +116,86 @@ def make_series(folder: Path, slices: int, size: int = 512, seed: int = 0) -> Pa
 # ----------------------------------------------------------------------------- the minimal pipeline
 
 
+def read_series(series: Path):
+    """The series as a float32 ``(Z, Y, X)`` volume in HU, its LPS affine (index ``(x, y, z)``
+    -> mm), the files in slice order and the reader used: SimpleITK when it is installed,
+    else pydicom (slices sorted along the slice normal)."""
+    import numpy as np
+
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        sitk = None
+    if sitk is not None and os.environ.get("MEDCAM_BENCH_READER") != "pydicom":
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+        image = reader.Execute()  # LPS, HU
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(
+            image.GetSpacing()
+        )
+        affine[:3, 3] = image.GetOrigin()
+        return sitk.GetArrayViewFromImage(image), affine, files, "SimpleITK", image
+    import pydicom
+
+    headers = []
+    for f in sorted(series.glob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        headers.append((f, ds))
+    iop = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    headers.sort(key=lambda fd: float(np.dot(normal, np.asarray(fd[1].ImagePositionPatient, float))))
+    first = headers[0][1]
+    positions = np.asarray([h[1].ImagePositionPatient for h in headers], dtype=np.float64)
+    dz = float(np.dot(normal, positions[-1] - positions[0])) / max(len(headers) - 1, 1)
+    row, col = (float(v) for v in first.PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = iop[:3] * col, iop[3:] * row, normal * dz
+    affine[:3, 3] = positions[0]
+    volume = np.empty((len(headers), int(first.Rows), int(first.Columns)), np.float32)
+    for k, (f, _) in enumerate(headers):
+        ds = pydicom.dcmread(f)
+        np.multiply(ds.pixel_array, float(ds.RescaleSlope), out=volume[k], casting="unsafe")
+        volume[k] += float(ds.RescaleIntercept)
+    return volume, affine, [str(f) for f, _ in headers], "pydicom", None
+
+
+def _torch_resample(source, source_affine, target_affine, target_shape, device, fill=0.0,
+                    slab=32):  # fmt: skip
+    """Trilinear samples of ``source: (Z, Y, X)`` (torch, on ``device``; affine: index
+    ``(x, y, z)`` -> mm) at the voxels of a target grid ``(Z, Y, X)``, in slabs of ``slab``
+    target slices; returns a float32 NumPy ``(Z, Y, X)`` array."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    m = np.linalg.solve(source_affine, target_affine)  # target index -> source index
+    zs, ys, xs = target_shape
+    size = torch.tensor(source.shape[::-1], dtype=torch.float32, device=device)  # (X, Y, Z)
+    rot = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=device)
+    shift = torch.as_tensor(m[:3, 3], dtype=torch.float32, device=device)
+    src = (source - fill)[None, None]
+    out = np.empty(target_shape, np.float32)
+    jj, ii = torch.meshgrid(torch.arange(ys, device=device, dtype=torch.float32),
+                            torch.arange(xs, device=device, dtype=torch.float32),
+                            indexing="ij")  # fmt: skip
+    for z0 in range(0, zs, slab):
+        z1 = min(z0 + slab, zs)
+        kk = torch.arange(z0, z1, device=device, dtype=torch.float32)[:, None, None]
+        idx = torch.stack(torch.broadcast_tensors(ii[None], jj[None], kk), dim=-1)  # (x, y, z)
+        pos = idx @ rot.T + shift
+        grid = (2.0 * pos / (size - 1) - 1.0)[None]
+        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=True)[0, 0] + fill  # fmt: skip
+        out[z0:z1] = sampled.cpu().numpy()
+    return out
+
+
 def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
-    """The job done directly; returns seconds per stage."""
+    """The job done directly; returns seconds per stage (and, as ``"reader"`` /
+    ``"resample"``, which library read the series and resampled)."""
     import glob
 
     import highdicom as hd
@@ -128,7 +206,6 @@ def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
     import nibabel as nib
     import numpy as np
     import pydicom
-    import SimpleITK as sitk
     import torch
     import torch.nn.functional as F
     from monai.networks.nets import DenseNet
@@ -144,24 +221,34 @@ def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
         t = now
 
     out.mkdir(parents=True, exist_ok=True)
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.SetOutputPixelType(sitk.sitkFloat32)
-    image = reader.Execute()  # LPS, HU
+    volume, scan_affine, files, reader_name, image = read_series(series)
+    use_sitk = image is not None and device == "cpu"  # SimpleITK resamples on the CPU only
     lap("load")
     # the bundle's model grid: RAS axes, 4 mm, 48^3 centred on the scan
     size, step = 48, 4.0
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
-    direction = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS axes, in LPS
+    shape_xyz = np.asarray(volume.shape[::-1], dtype=np.float64)
+    centre = (scan_affine @ np.append((shape_xyz - 1) / 2.0, 1.0))[:3]
+    direction = np.diag([-1.0, -1.0, 1.0])  # RAS axes, in LPS
     half = step * (size - 1) / 2.0
-    origin = [c - d * half for c, d in zip(centre, (-1.0, -1.0, 1.0), strict=True)]
-    grid = sitk.Image([size] * 3, sitk.sitkFloat32)
-    grid.SetSpacing([step] * 3)
-    grid.SetOrigin(origin)
-    grid.SetDirection(direction)
-    small = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1000.0)
-    x = np.clip((sitk.GetArrayFromImage(small).transpose(2, 1, 0) + 200.0) / 600.0, 0.0, 1.0)
+    origin = centre - direction @ np.full(3, half)
+    grid_affine = np.eye(4)
+    grid_affine[:3, :3] = direction * step
+    grid_affine[:3, 3] = origin
+    if use_sitk:
+        import SimpleITK as sitk
+
+        grid = sitk.Image([size] * 3, sitk.sitkFloat32)
+        grid.SetSpacing([step] * 3)
+        grid.SetOrigin(origin.tolist())
+        grid.SetDirection(direction.flatten().tolist())
+        small = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1000.0)
+        x = sitk.GetArrayFromImage(small).transpose(2, 1, 0)
+    else:
+        vol_t = torch.as_tensor(np.asarray(volume), device=device)
+        x = _torch_resample(vol_t, scan_affine, grid_affine, (size,) * 3, device, fill=-1000.0)
+        x = x.transpose(2, 1, 0)
+        del vol_t
+    x = np.clip((x + 200.0) / 600.0, 0.0, 1.0)
     batch = torch.as_tensor(x, dtype=torch.float32, device=device)[None, None]
     lap("preprocess")
     net = DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=8,
@@ -182,16 +269,21 @@ def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
     if device != "cpu":
         torch.cuda.synchronize()
     lap("explain")
-    cam_img = sitk.GetImageFromArray(cam.cpu().numpy().transpose(2, 1, 0).copy())
-    cam_img.CopyInformation(grid)
-    back = sitk.Resample(cam_img, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    heat = sitk.GetArrayViewFromImage(back)  # (Z, Y, X) float32
+    if use_sitk:
+        cam_img = sitk.GetImageFromArray(cam.cpu().numpy().transpose(2, 1, 0).copy())
+        cam_img.CopyInformation(grid)
+        back = sitk.Resample(cam_img, image, sitk.Transform(), sitk.sitkLinear, 0.0,
+                             sitk.sitkFloat32)  # fmt: skip
+        heat = sitk.GetArrayViewFromImage(back)  # (Z, Y, X) float32
+    else:  # on the device, slab by slab; cam is indexed (u, v, w): as (Z, Y, X) its transpose
+        cam_zyx = cam.permute(2, 1, 0).contiguous()
+        heat = _torch_resample(cam_zyx, grid_affine, scan_affine, volume.shape, device,
+                               slab=64 if device != "cpu" else 16)  # fmt: skip
+    times["reader"] = reader_name
+    times["resample"] = "SimpleITK" if use_sitk else f"torch grid_sample ({device})"
     lap("back to scan")
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    nii = nib.Nifti1Image(heat.T, lps_to_ras @ affine)
+    nii = nib.Nifti1Image(heat.T, lps_to_ras @ scan_affine)
     nii.header.set_intent("estimate", name="GradCAM")
     nib.save(nii, out / "heat.nii.gz")
     lap("nifti")
@@ -235,7 +327,6 @@ def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
     sc_dir = out / "sc"
     sc_dir.mkdir(exist_ok=True)
     series_uid = hd.UID()
-    volume = sitk.GetArrayViewFromImage(image)
     for k, ds in enumerate(sources):
         gray = np.clip((volume[k] + 160.0) / 400.0, 0.0, 1.0)[..., None]
         h = np.clip(heat[k] / hi, 0.0, 1.0)
@@ -297,6 +388,8 @@ def child_cli(argv: list[str]) -> None:
 
 def child_minimal(series: str, out: str, device: str) -> None:
     times = run_minimal(Path(series), Path(out), device)
+    info = {k: times.pop(k) for k in ("reader", "resample")}
+    print(f"BENCH_INFO {json.dumps(info)}", file=sys.stderr, flush=True)
     print(f"BENCH_STAGES {json.dumps(times)}", file=sys.stderr, flush=True)
     print(f"BENCH_PEAK_RSS {peak_rss()}", file=sys.stderr, flush=True)
 
@@ -304,9 +397,9 @@ def child_minimal(series: str, out: str, device: str) -> None:
 _STAGE = re.compile(r"([a-z][a-z -]*?) (\d+\.\d+) s")
 
 
-def medcam_stages(stderr: str) -> dict[str, float]:
+def medcam_stages(text: str) -> dict[str, float]:
     """Stage times from medcam's per-case line: ``... (n outputs): load 1.23 s, ...``."""
-    for line in stderr.splitlines():
+    for line in text.splitlines():
         if " outputs): " in line:
             return {k.strip(): float(v) for k, v in _STAGE.findall(line.split("outputs): ", 1)[1])}
     return {}
@@ -321,7 +414,8 @@ def run_tool(tool: str, series: Path, out: Path, device: str, extra: list[str]) 
                device, *extra]  # fmt: skip
     else:
         cmd = [sys.executable, __file__, "--child-minimal", str(series), str(out), device]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path)  # medcam from this tree
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -329,11 +423,18 @@ def run_tool(tool: str, series: Path, out: Path, device: str, extra: list[str]) 
     if done.returncode != 0:
         raise RuntimeError(f"{tool} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     rss = int(re.search(r"BENCH_PEAK_RSS (\d+)", done.stderr).group(1))
+    info: dict = {}
     if tool == "medcam":
-        stages = medcam_stages(done.stderr)
+        stages = medcam_stages(done.stdout + "\n" + done.stderr)
+        for sidecar in sorted(out.rglob("*.json")):  # how medcam went back to the scan grid
+            explanation = json.loads(sidecar.read_text()).get("explanation", {})
+            if "inverse" in explanation:
+                info["inverse"] = explanation["inverse"]
+                break
     else:
         stages = json.loads(re.search(r"BENCH_STAGES (\{.*\})", done.stderr).group(1))
-    return {"wall_s": wall, "peak_rss_mb": rss / 2**20, "stages": stages,
+        info = json.loads(re.search(r"BENCH_INFO (\{.*\})", done.stderr).group(1))
+    return {"wall_s": wall, "peak_rss_mb": rss / 2**20, "stages": stages, "info": info,
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}  # fmt: skip
 
 
@@ -361,6 +462,7 @@ def pipeline_suite(args, work: Path) -> dict:
                 "wall_s": statistics.median(r["wall_s"] for r in rs),
                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                 "stages": median_stages(rs),
+                "info": rs[-1]["info"],
             }
         summary["ratio_wall"] = summary["medcam"]["wall_s"] / summary["minimal"]["wall_s"]
         summary["ratio_rss"] = summary["medcam"]["peak_rss_mb"] / summary["minimal"]["peak_rss_mb"]
@@ -414,6 +516,12 @@ def machine() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import SimpleITK
+
+        info["SimpleITK"] = SimpleITK.Version_VersionString()
+    except ImportError:
+        info["SimpleITK"] = None  # the minimal pipeline reads with pydicom
     return info
 
 
@@ -430,6 +538,11 @@ def write_markdown(path: Path, result: dict) -> None:
                   f"**{s['ratio_wall']:.2f}** |",
                   f"| peak RSS, MB | {s['medcam']['peak_rss_mb']:.0f} | "
                   f"{s['minimal']['peak_rss_mb']:.0f} | **{s['ratio_rss']:.2f}** |"]  # fmt: skip
+        mi, me = s["minimal"].get("info", {}), s["medcam"].get("info", {})
+        lines.insert(len(lines) - 5, f"Minimal pipeline: read with {mi.get('reader')}, resampled "
+                     f"with {mi.get('resample')}. medcam back to the scan grid: "
+                     f"{(me.get('inverse') or {}).get('method', '?')}.")
+        lines.insert(len(lines) - 5, "")
         stages = list(dict.fromkeys([*s["medcam"]["stages"], *s["minimal"]["stages"]]))
         for name in stages:
             a, b = s["medcam"]["stages"].get(name), s["minimal"]["stages"].get(name)
@@ -461,15 +574,20 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", default="300,1000", help="series lengths (default 300,1000)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="runs per tool and size")
     parser.add_argument("--suite", default="pipeline", help="pipeline, folder or both")
     parser.add_argument("--cases", type=int, default=6, help="folder suite: number of cases")
     parser.add_argument("--folder-slices", type=int, default=120)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "medcam-bench"))
-    parser.add_argument("--quick", action="store_true", help="do not write results/")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
+    parser.add_argument("--reader", choices=["auto", "pydicom"], default="auto",
+                        help="the minimal pipeline's reader: SimpleITK when installed, or pydicom")
+    parser.add_argument("--quick", action="store_true", help="do not write results")
     args = parser.parse_args()
     args.slices = [int(v) for v in str(args.slices).split(",")]
+    if args.reader == "pydicom":
+        os.environ["MEDCAM_BENCH_READER"] = "pydicom"  # the children inherit it
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": args.device, "machine": machine(), "rounds": args.rounds}
@@ -483,11 +601,12 @@ def main() -> None:
     if args.suite != "pipeline":
         name += f"_{args.suite}"
     text = json.dumps(result, indent=2)
-    print(text if args.quick else f"results: {RESULTS / name}.json / .md")
+    results = Path(args.out)
+    print(text if args.quick else f"results: {results / name}.json / .md")
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(text)
-        write_markdown(RESULTS / f"{name}.md", result)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"{name}.json").write_text(text)
+        write_markdown(results / f"{name}.md", result)
 
 
 if __name__ == "__main__":

@@ -339,23 +339,28 @@ def _weight_matrix(weights, size: int) -> torch.Tensor:
 
 
 def _along(a: torch.Tensor, dim: int, weights, size: int, out=None) -> torch.Tensor:
-    """Interpolate ``a`` along ``dim`` (``size`` voxels) at the positions of ``weights``."""
-    if size <= DENSE_AXIS:
+    """Interpolate ``a`` along ``dim`` (``size`` voxels) at the positions of ``weights``.
+
+    A short model axis that is not upsampled much is a dense matrix product (fast for a few
+    outputs per input); otherwise each output takes its two neighbours (gather: a few passes
+    over the output, whatever the upsampling factor)."""
+    i0, i1, w0, w1 = weights
+    if size <= DENSE_AXIS and len(i0) <= 2 * size:
         w = _weight_matrix(weights, size)
         if dim == a.ndim - 1:
             return torch.matmul(a, w.T, out=out) if out is not None else torch.matmul(a, w.T)
-        moved = torch.matmul(torch.movedim(a, dim, -1), w.T)
-        result = torch.movedim(moved, -1, dim)
+        result = torch.movedim(torch.matmul(torch.movedim(a, dim, -1), w.T), -1, dim)
+        if out is not None:
+            out.copy_(result)
+            return out
+        return result
+    shape = [1] * a.ndim
+    shape[dim] = -1
+    if out is None:
+        out = a.index_select(dim, i0).mul_(w0.view(shape))
     else:
-        i0, i1, w0, w1 = weights
-        shape = [1] * a.ndim
-        shape[dim] = -1
-        result = a.index_select(dim, i0).mul_(w0.view(shape))
-        result.addcmul_(a.index_select(dim, i1), w1.view(shape))
-    if out is not None:
-        out.copy_(result)
-        return out
-    return result
+        torch.mul(a.index_select(dim, i0), w0.view(shape), out=out)
+    return out.addcmul_(a.index_select(dim, i1), w1.view(shape))
 
 
 def _separable_axes(m: np.ndarray, scan_shape: Sequence[int]) -> list[int] | None:
@@ -424,12 +429,15 @@ def resample_to_grid(
         sizes = [model_shape[model_dim[c]] for c in order]
         for s0 in range(0, scan_shape[order[0]], step):
             s1 = min(s0 + step, scan_shape[order[0]])
-            first = tuple(t[s0:s1] for t in weights[0])
+            ws = [tuple(t[s0:s1] for t in weights[0]), *weights[1:]]
+            # the axes that grow least first: the temporaries stay small, the last step
+            # writes the slab of the output
+            axes_order = sorted(range(nd), key=lambda d: len(ws[d][0]) / sizes[d])
             for j in range(k):  # one map at a time: its slab of the output is contiguous
-                b = _along(a[j], 0, first, sizes[0], out=out_mem[j, s0:s1] if nd == 1 else None)
-                for d in range(1, nd):
-                    last = out_mem[j, s0:s1] if d == nd - 1 else None
-                    b = _along(b, d, weights[d], sizes[d], out=last)
+                b = a[j]
+                for n, d in enumerate(axes_order):
+                    last = out_mem[j, s0:s1] if n == nd - 1 else None
+                    b = _along(b, d, ws[d], sizes[d], out=last)
     else:
         _grid_sample_slabs(maps, m, scan_shape, order, lo, hi, clamp, grid.mode, out_mem, step)
         if grid.scan_box is not None:  # scan voxels the resampling never read: zero

@@ -146,7 +146,9 @@ def read_series(series: Path):
         headers.append((f, ds))
     iop = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
     normal = np.cross(iop[:3], iop[3:])
-    headers.sort(key=lambda fd: float(np.dot(normal, np.asarray(fd[1].ImagePositionPatient, float))))
+    headers.sort(
+        key=lambda fd: float(np.dot(normal, np.asarray(fd[1].ImagePositionPatient, float)))
+    )
     first = headers[0][1]
     positions = np.asarray([h[1].ImagePositionPatient for h in headers], dtype=np.float64)
     dz = float(np.dot(normal, positions[-1] - positions[0])) / max(len(headers) - 1, 1)
@@ -539,9 +541,12 @@ def write_markdown(path: Path, result: dict) -> None:
                   f"| peak RSS, MB | {s['medcam']['peak_rss_mb']:.0f} | "
                   f"{s['minimal']['peak_rss_mb']:.0f} | **{s['ratio_rss']:.2f}** |"]  # fmt: skip
         mi, me = s["minimal"].get("info", {}), s["medcam"].get("info", {})
-        lines.insert(len(lines) - 5, f"Minimal pipeline: read with {mi.get('reader')}, resampled "
-                     f"with {mi.get('resample')}. medcam back to the scan grid: "
-                     f"{(me.get('inverse') or {}).get('method', '?')}.")
+        lines.insert(
+            len(lines) - 5,
+            f"Minimal pipeline: read with {mi.get('reader')}, resampled "
+            f"with {mi.get('resample')}. medcam back to the scan grid: "
+            f"{(me.get('inverse') or {}).get('method', '?')}.",
+        )
         lines.insert(len(lines) - 5, "")
         stages = list(dict.fromkeys([*s["medcam"]["stages"], *s["minimal"]["stages"]]))
         for name in stages:
@@ -581,8 +586,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "medcam-bench"))
     parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
-    parser.add_argument("--reader", choices=["auto", "pydicom"], default="auto",
-                        help="the minimal pipeline's reader: SimpleITK when installed, or pydicom")
+    parser.add_argument(
+        "--reader",
+        choices=["auto", "pydicom"],
+        default="auto",
+        help="the minimal pipeline's reader: SimpleITK when installed, or pydicom",
+    )
     parser.add_argument("--quick", action="store_true", help="do not write results")
     args = parser.parse_args()
     args.slices = [int(v) for v in str(args.slices).split(",")]

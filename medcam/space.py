@@ -153,7 +153,9 @@ def invert_to_source(
             if isinstance(grid, GridMap):
                 record.update(method="composed", transforms=list(grid.transforms),
                               resamples=1, interpolation=grid.mode)  # fmt: skip
-                return resample_to_grid(maps, grid, scan.spatial_shape)
+                return resample_to_grid(
+                    maps, grid, scan.spatial_shape, first_axis_fastest=True
+                )  # NIfTI / DICOM order
             record.update(method="monai", reason=grid)
             logging.getLogger("medcam").info(
                 "medcam: back to the scan grid with MONAI's inverse transforms (%s)", grid

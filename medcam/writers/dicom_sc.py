@@ -10,11 +10,14 @@ import numpy as np
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import DicomIdentity, derived_uid, uid_seed_for
 from medcam.writers.figures import blend_rgb, window, window_limits
-from medcam.writers.registry import CaseOutput, register_format
+from medcam.writers.registry import CaseOutput, register_format, slab_zyx
 
 __all__ = ["build_secondary_captures", "iter_secondary_captures", "write_secondary_captures"]
 
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+#: Bytes of image (and of heatmap) copied out per block of slices.
+_BLOCK_BYTES = 16 << 20
 
 
 def _direction_letters(v) -> str:
@@ -139,8 +142,12 @@ def iter_secondary_captures(
         lo, hi = limits if limits is not None else window_limits(img)
     vmax = float(heat.max()) if vmax is None else vmax
     series_uid = derived_uid(uid_seed, "series") if uid_seed is not None else generate_uid()
+    block = max(1, _BLOCK_BYTES // max(1, img.shape[0] * img.shape[1] * 4))
     for k, (ds, frame) in enumerate(sources):
-        rgb = blend_rgb(window(img[:, :, k].T, lo, hi), heat[:, :, k].T, vmax, alpha)
+        if k % block == 0:
+            img_block = slab_zyx(img, k, k + block)
+            heat_block = slab_zyx(heat, k, k + block)
+        rgb = blend_rgb(window(img_block[k % block], lo, hi), heat_block[k % block], vmax, alpha)
         sop_uid = derived_uid(uid_seed, "instance", str(k)) if uid_seed is not None else None
         identity = DicomIdentity(series_uid, sop_uid or generate_uid(), series_number, k + 1)
         kwargs = identity.highdicom_kwargs()

@@ -363,6 +363,25 @@ def _along(a: torch.Tensor, dim: int, weights, size: int, out=None) -> torch.Ten
     return out.addcmul_(a.index_select(dim, i1), w1.view(shape))
 
 
+def _step_order(outputs: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The order to interpolate the axes in (dims in memory order; ``sizes`` on the model
+    grid, ``outputs`` on the scan slab): the one with the fewest element operations, a gather
+    along the last (contiguous) dim counted 8x (it gathers element by element; along any
+    other dim it copies whole rows). The temporaries stay small, and the last step writes
+    the slab of the output."""
+    import itertools
+
+    best, best_cost = list(range(len(sizes))), math.inf
+    for order in itertools.permutations(range(len(sizes))):
+        shape, cost = list(sizes), 0
+        for d in order:
+            shape[d] = outputs[d]
+            cost += math.prod(shape) * (8 if d == len(sizes) - 1 else 1)
+        if cost < best_cost:
+            best, best_cost = list(order), cost
+    return best
+
+
 def _separable_axes(m: np.ndarray, scan_shape: Sequence[int]) -> list[int] | None:
     """For each model axis, the one scan axis it depends on, when the map is axis-aligned
     (off-axis terms below 1e-4 voxel over the whole scan); else ``None``."""
@@ -430,9 +449,7 @@ def resample_to_grid(
         for s0 in range(0, scan_shape[order[0]], step):
             s1 = min(s0 + step, scan_shape[order[0]])
             ws = [tuple(t[s0:s1] for t in weights[0]), *weights[1:]]
-            # the axes that grow least first: the temporaries stay small, the last step
-            # writes the slab of the output
-            axes_order = sorted(range(nd), key=lambda d: len(ws[d][0]) / sizes[d])
+            axes_order = _step_order([len(w[0]) for w in ws], sizes)
             for j in range(k):  # one map at a time: its slab of the output is contiguous
                 b = a[j]
                 for n, d in enumerate(axes_order):

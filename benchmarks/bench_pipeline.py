@@ -8,15 +8,23 @@ layer, one trilinear resize back to the scan grid (SimpleITK), nibabel and highd
 matplotlib pictures. Each run is a fresh process (peak RSS is the process's own high-water
 mark, VmHWM); rounds interleave the two tools, so both see the same machine load::
 
-    python benchmarks/bench_pipeline.py                        # 300 and 1,000 slices, 3 rounds
-    python benchmarks/bench_pipeline.py --slices 300 --rounds 1 --quick
+    python benchmarks/bench_pipeline.py                        # 300 and 1,000 slices
+    python benchmarks/bench_pipeline.py --slices 300 --rounds 3 --quick
     python benchmarks/bench_pipeline.py --suite folder         # cases/min, serial vs prefetch
-    python benchmarks/bench_pipeline.py --device cuda          # on a GPU
+    python benchmarks/bench_pipeline.py --device cuda --out /some/folder   # on a GPU
 
-Runtime on 2 idle CPU cores: about 10 minutes for the default (most of it the 1,000-slice
-runs); ``--suite folder`` about 5 more. Results: ``benchmarks/results/pipeline_<device>.json``
-and ``.md`` (``pipeline_<device>_folder.*`` for the folder suite). The series are cached under
-``--work`` (default: a ``medcam-bench`` folder in the system's temporary directory).
+``--device cuda`` puts the model, the CAM and the resampling back to the scan grid on the GPU
+for both tools (the minimal pipeline then resamples with ``torch.nn.functional.grid_sample``
+on the device, slab by slab). Without SimpleITK (or with ``--reader pydicom``) the minimal
+pipeline reads the series with pydicom and resamples with torch; the results record which
+reader and resampler it used, and the load average (``os.getloadavg()``) before each run.
+
+Runtime on 2 loaded CPU cores: about 10 minutes for the default (one round; most of it the
+1,000-slice runs, the series are made once); ``--suite folder`` about 5 more; on a 16-core
+GPU machine the default takes about 3-4 minutes. Results: ``<out>/pipeline_<device>.json``
+and ``.md`` (``pipeline_<device>_both.*`` for both suites; ``--out`` defaults to
+``benchmarks/results``). The series are cached under ``--work`` (default: a ``medcam-bench``
+folder in the system's temporary directory).
 """
 
 from __future__ import annotations
@@ -528,26 +536,28 @@ def machine() -> dict:
 
 
 def write_markdown(path: Path, result: dict) -> None:
+    m = result["machine"]
+    load = ", ".join(f"{v:.1f}" for v in m["load_avg_start"])
     lines = [f"# Pipeline benchmark ({result['device']})", "",
-             f"Machine: {result['machine']}", "",
-             f"Load average at start {result['machine']['load_avg_start'][0]:.1f}, at end "
-             f"{result['load_avg_end'][0]:.1f} ({result['machine']['cpus']} CPUs).",
-             ""]  # fmt: skip
+             f"Python {m['python']}, torch {m['torch']}, NumPy {m['numpy']}, medcam "
+             f"{m.get('medcam', '?')}, SimpleITK {m.get('SimpleITK') or 'not installed'}"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m['cpus']} CPUs.", "",
+             f"Load average (1, 5, 15 min) at start {load}; at end "
+             f"{result['load_avg_end'][0]:.1f}. {result['rounds']} round(s) per tool and size "
+             "(medians), tools interleaved.", ""]  # fmt: skip
     for slices, s in result.get("pipeline", {}).items():
+        mi, me = s["minimal"].get("info", {}), s["medcam"].get("info", {})
+        inverse = me.get("inverse") or {}
         lines += [f"## 512 x 512 x {slices} CT series, every format", "",
+                  f"Minimal pipeline: read with {mi.get('reader')}, resampled with "
+                  f"{mi.get('resample')}. medcam back to the scan grid: "
+                  f"{inverse.get('method', '?')} ({inverse.get('resamples', '?')} resample of "
+                  f"{', '.join(inverse.get('transforms', []))}).", "",
                   "| | medcam | minimal | ratio |", "| --- | ---: | ---: | ---: |",
                   f"| wall, s | {s['medcam']['wall_s']:.1f} | {s['minimal']['wall_s']:.1f} | "
                   f"**{s['ratio_wall']:.2f}** |",
                   f"| peak RSS, MB | {s['medcam']['peak_rss_mb']:.0f} | "
                   f"{s['minimal']['peak_rss_mb']:.0f} | **{s['ratio_rss']:.2f}** |"]  # fmt: skip
-        mi, me = s["minimal"].get("info", {}), s["medcam"].get("info", {})
-        lines.insert(
-            len(lines) - 5,
-            f"Minimal pipeline: read with {mi.get('reader')}, resampled "
-            f"with {mi.get('resample')}. medcam back to the scan grid: "
-            f"{(me.get('inverse') or {}).get('method', '?')}.",
-        )
-        lines.insert(len(lines) - 5, "")
         stages = list(dict.fromkeys([*s["medcam"]["stages"], *s["minimal"]["stages"]]))
         for name in stages:
             a, b = s["medcam"]["stages"].get(name), s["minimal"]["stages"].get(name)
@@ -568,6 +578,21 @@ def write_markdown(path: Path, result: dict) -> None:
                   f"{folder['overlapped']['peak_rss_mb']:.0f} |", "",
                   f"Speed-up: **{folder['speedup']:.2f}x**.", ""]  # fmt: skip
     path.write_text("\n".join(lines))
+
+
+#: What both pipelines import (SimpleITK is optional: the minimal pipeline then reads with
+#: pydicom and resamples with torch).
+NEEDED = ("torch", "monai", "pydicom", "highdicom", "nibabel", "matplotlib", "click", "tqdm",
+          "numpy")  # fmt: skip
+
+
+def preflight() -> None:
+    """Stop before any work, naming the packages missing here."""
+    import importlib.util
+
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"bench_pipeline: missing packages: {', '.join(missing)} (pip install them).")
 
 
 def main() -> None:
@@ -594,6 +619,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="do not write results")
     args = parser.parse_args()
+    preflight()
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("bench_pipeline: --device cuda, but torch sees no CUDA device.")
     args.slices = [int(v) for v in str(args.slices).split(",")]
     if args.reader == "pydicom":
         os.environ["MEDCAM_BENCH_READER"] = "pydicom"  # the children inherit it

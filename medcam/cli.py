@@ -40,6 +40,46 @@ def _window_options(f):
     return f
 
 
+def _run_options(f):
+    f = click.option("--quiet", is_flag=True, help="No progress bar, stage display or per-case "
+                     "lines (errors are still reported).")(f)  # fmt: skip
+    f = click.option("--prefetch", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="Cases loaded ahead while one is explained (and the previous one "
+                     "written); 0 runs the cases one after the other.")(f)  # fmt: skip
+    return f
+
+
+class _Progress:
+    """The command line's progress: a per-case bar (tqdm, on stderr) that shows the stage each
+    case is in (load, preprocess, explain, back to scan, each writer), and one line per case
+    with its stage times; nothing with ``quiet``."""
+
+    def __init__(self, quiet: bool, **bar_options) -> None:
+        from medcam.progress import BarReporter
+
+        self.quiet, self.bar_options, self.bar = quiet, bar_options, None
+        self.reporter = None if quiet else BarReporter(lambda: self.bar)
+
+    def __call__(self, iterable):
+        if self.quiet:
+            return iterable
+        from tqdm import tqdm
+
+        self.bar = tqdm(iterable, **self.bar_options)
+        return self.bar
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    def reporting(self):
+        from medcam.progress import reporting
+
+        return reporting(self.reporter)
+
+
 def _debug() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.find_root().params.get("debug"))
@@ -156,16 +196,15 @@ def _pacs_options(f):
     help="Name outputs after the input (may expose identifiers); default: a hash.",
 )
 @_window_options
+@_run_options
 @_pacs_options
 def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
             formats, normalize, fusion, name_from_input, roi_size, sw_batch_size, overlap,
-            study, series_uids, modalities, series_description, store, store_to, ae_title,
-            retrieve, move_port) -> None:  # fmt: skip
+            prefetch, quiet, study, series_uids, modalities, series_description, store,
+            store_to, ae_title, retrieve, move_port) -> None:  # fmt: skip
     """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases), or a study
     on a DICOM server: dicomweb+http(s)://host:port/dicom-web or dimse://AET@host:port with
     --study UID (see docs/pacs.md; credentials come from MEDCAM_DICOMWEB_* variables)."""
-    from tqdm import tqdm
-
     from medcam.pacs import is_remote
     from medcam.runner import explain_inputs, load_model, parse_target, parse_window
 
@@ -188,12 +227,14 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
                           preprocess=preprocess, device=device)  # fmt: skip
         layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
         fmt = formats or "nifti,png,json"
-        explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
-                       target=parse_target(target), formats=[f.strip() for f in fmt.split(",")],
-                       normalize=normalize, fusion=fusion, name_from_input=name_from_input,
-                       window=parse_window(roi_size, sw_batch_size, overlap),
-                       progress=lambda it: tqdm(it, desc="cases", unit="case"),
-                       log=tqdm.write)  # fmt: skip
+        progress = _Progress(quiet, desc="cases", unit="case")
+        with progress.reporting():
+            explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
+                           target=parse_target(target),
+                           formats=[f.strip() for f in fmt.split(",")], normalize=normalize,
+                           fusion=fusion, name_from_input=name_from_input,
+                           window=parse_window(roi_size, sw_batch_size, overlap),
+                           progress=progress, log=progress.log, prefetch=prefetch)  # fmt: skip
 
     _run(work)
 
@@ -484,12 +525,11 @@ def cohort() -> None:
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
 @click.option("--shard", help="i/N: run shard i of N (default: torchrun / SLURM environment).")
 @_window_options
+@_run_options
 def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, layers, method,
                target, formats, normalize, fusion, shard, roi_size, sw_batch_size,
-               overlap) -> None:  # fmt: skip
+               overlap, prefetch, quiet) -> None:  # fmt: skip
     """Explain every case of MANIFEST this rank owns; skip cases already done."""
-    from tqdm import tqdm
-
     from medcam.cohort import gather_and_index, read_cohort_manifest, resolve_shard, run_cohort
     from medcam.runner import cohort_processor, load_model, parse_window
 
@@ -509,11 +549,10 @@ def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, l
             "preprocess": preprocess, "layers": layer_arg, "method": method, "target": target,
             "formats": fmt, "normalize": normalize, "fusion": fusion, "window": window,
         }  # fmt: skip
-        counts = run_cohort(
-            cases, out, process, config=config, rank=rank, world=world,
-            progress=lambda it: tqdm(it, desc=f"rank {rank}/{world}", position=rank, unit="case"),
-            log=tqdm.write,
-        )  # fmt: skip
+        progress = _Progress(quiet, desc=f"rank {rank}/{world}", position=rank, unit="case")
+        with progress.reporting():
+            counts = run_cohort(cases, out, process, config=config, rank=rank, world=world,
+                                progress=progress, log=_stderr, prefetch=prefetch)  # fmt: skip
         click.echo(f"rank {rank}/{world}: {counts['done']} done, {counts['skipped']} skipped "
                    f"(already done), {counts['failed']} failed")  # fmt: skip
         gather_and_index(out, rank, world)
@@ -539,6 +578,12 @@ def cohort_status_cmd(out) -> None:
             sys.exit(1)
 
     _run(work)
+
+
+def _stderr(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _file_hash(path) -> str | None:

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medcam import __version__
 from medcam.errors import InputError, MedcamError, OutputError
@@ -33,6 +33,7 @@ from medcam.io.output import OutputDir, safe_name
 
 __all__ = [
     "Case",
+    "CaseSteps",
     "cohort_status",
     "config_hash",
     "gather_and_index",
@@ -158,22 +159,47 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
+class CaseSteps(Protocol):
+    """A cohort case in three steps, so that consecutive cases overlap
+    (:func:`medcam.prefetch.overlapped`): ``load`` (a loader thread), ``explain`` (the calling
+    thread, where the model runs), ``write`` (a writer thread, into the case's staging
+    folder). Calling it, ``process(case, stage)``, runs the three in a row."""
+
+    def load(self, case: Case) -> Any: ...
+
+    def explain(self, case: Case, loaded: Any) -> Any: ...
+
+    def write(self, case: Case, explained: Any, stage: OutputDir) -> list[Path]: ...
+
+    def __call__(self, case: Case, stage: OutputDir) -> list[Path]: ...
+
+
 def run_cohort(
     cases: Sequence[Case],
     out: str | Path,
-    process: Callable[[Case, OutputDir], list[Path]],
+    process: Callable[[Case, OutputDir], list[Path]] | CaseSteps,
     *,
     config: dict[str, Any],
     rank: int = 0,
     world: int = 1,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     log: Callable[[str], None] = print,
+    prefetch: int = 1,
 ) -> dict[str, int]:
     """Run ``process(case, stage) -> written paths`` over this rank's cases; ``stage`` is the
     case's staging :class:`~medcam.io.output.OutputDir` (paths reported as final paths).
 
+    When ``process`` comes in steps (:class:`CaseSteps`, as
+    :func:`medcam.runner.cohort_processor` makes it) and ``prefetch`` > 0, the next case is
+    loaded and the previous one written while a case is explained (``prefetch`` cases loaded
+    ahead at most); the outputs are those of the serial run. Each record also holds the
+    seconds each stage took.
+
     Returns counts ``{"done", "skipped", "failed"}`` for this rank.
     """
+    from medcam.prefetch import overlapped
+    from medcam.progress import StageTimes, current_reporter, reporting
+
     root = OutputDir(out)
     digest = config_hash(config)
 
@@ -186,39 +212,79 @@ def run_cohort(
 
     root.write_file(MANIFEST_COPY, write_manifest)
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for case in progress(shard_cases(cases, rank, world)):
-        folder = root.path / case.case_id
-        previous = _record(folder)
+    todo = []
+    for case in shard_cases(cases, rank, world):
+        previous = _record(root.path / case.case_id)
         if previous and previous.get("status") == "done" and previous.get("config_hash") == digest:
             counts["skipped"] += 1
-            continue
-        started = _now()
-        record: dict[str, Any] = {"case_id": case.case_id, "config_hash": digest, "rank": rank,
-                                  "world": world, "started": started}  # fmt: skip
-        try:  # outputs and status record are one transaction: all appear, or none
-            with root.case(case.case_id) as stage:
-                written = process(case, stage)
-                record.update(status="done", finished=_now(),
-                              outputs=[str(p.relative_to(folder)) for p in written])  # fmt: skip
-                _write_record(stage, record)
-            counts["done"] += 1
-            continue
-        except Exception as err:  # recorded; the rank moves on to its next case
+        else:
+            todo.append(case)
+    started: dict[str, str] = {}
+    steps = process if all(hasattr(process, m) for m in ("load", "explain", "write")) else None
+
+    def new_record(case: Case) -> dict[str, Any]:
+        return {"case_id": case.case_id, "config_hash": digest, "rank": rank, "world": world,
+                "started": started.get(case.case_id) or _now()}  # fmt: skip
+
+    def load(case: Case) -> Any:
+        started[case.case_id] = _now()
+        return steps.load(case) if steps is not None else None
+
+    def explain(case: Case, loaded: Any) -> Any:
+        return steps.explain(case, loaded) if steps is not None else None
+
+    def write(case: Case, explained: Any) -> dict[str, Any]:
+        record = new_record(case)
+        folder = root.path / case.case_id
+        # outputs and status record are one transaction: all appear, or none
+        with root.case(case.case_id) as stage:
+            written = steps.write(case, explained, stage) if steps else process(case, stage)
+            record.update(status="done", finished=_now(),
+                          outputs=[str(p.relative_to(folder)) for p in written],
+                          seconds=times.pop(case.case_id))  # fmt: skip
+            _write_record(stage, record)
+        return record
+
+    times = StageTimes(forward=current_reporter())
+    outcomes = overlapped(todo, load, explain, write, depth=prefetch if steps else 0,
+                          label=lambda c: c.case_id)  # fmt: skip
+    with reporting(times):
+        for outcome in progress(_Sized(outcomes, len(todo))):
+            case = outcome.item
+            if outcome.error is None:
+                counts["done"] += 1
+                continue
+            err = outcome.error  # recorded; the rank moves on to its next case
+            record = new_record(case)
             record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc(limit=5), finished=_now())  # fmt: skip
+                          traceback="".join(traceback.format_exception(err, limit=5)),
+                          finished=_now(), seconds=times.pop(case.case_id))  # fmt: skip
             counts["failed"] += 1
             log(f"[rank {rank}] {case.case_id} failed: {type(err).__name__}: {err}")
-        try:
-            with root.case(case.case_id) as stage:  # a failed run leaves only its record
-                _write_record(stage, record)
-        except OSError as err:  # the folder itself fails (a full disk): stop the run
-            raise OutputError(
-                f"Case {case.case_id} failed ({record['error']}), and its failure cannot be "
-                f"recorded in {root.path} either ({err.strerror or err}); the rank stops. "
-                "Nothing of the case was written. Free space or fix the output folder, then "
-                "run the cohort again: finished cases are skipped."
-            ) from err
+            try:
+                with root.case(case.case_id) as stage:  # a failed run leaves only its record
+                    _write_record(stage, record)
+            except OSError as err:  # the folder itself fails (a full disk): stop the run
+                raise OutputError(
+                    f"Case {case.case_id} failed ({record['error']}), and its failure cannot be "
+                    f"recorded in {root.path} either ({err.strerror or err}); the rank stops. "
+                    "Nothing of the case was written. Free space or fix the output folder, then "
+                    "run the cohort again: finished cases are skipped."
+                ) from err
     return counts
+
+
+class _Sized:
+    """An iterator with a length (so a progress bar knows the total)."""
+
+    def __init__(self, iterator: Iterable, length: int) -> None:
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return iter(self.iterator)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def gather_and_index(out: str | Path, rank: int, world: int) -> None:

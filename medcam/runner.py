@@ -17,10 +17,13 @@ import torch
 from medcam.errors import InputError, MedcamError, ModelError, TargetError
 
 __all__ = [
+    "CohortSteps",
     "ModelSpec",
     "cohort_processor",
     "expand_inputs",
+    "explain_and_write",
     "explain_inputs",
+    "explain_loaded",
     "inference_options",
     "input_kind",
     "load_model",
@@ -29,6 +32,7 @@ __all__ = [
     "parse_target",
     "parse_window",
     "read_manifest",
+    "write_explanation",
 ]
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".dcm")
@@ -252,6 +256,37 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return cases
 
 
+def explain_loaded(
+    spec: ModelSpec,
+    explainer: Any,
+    scan: Any,
+    target: Any,
+    normalize: str,
+    window: dict[str, Any] | None = None,
+) -> Any:
+    """Explain one loaded scan (:func:`medcam.explain_scan` with the model's preprocessing and
+    inferer, ``window`` from :func:`inference_options`)."""
+    from medcam.space import explain_scan
+
+    return explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
+                        normalize=normalize, explainer=explainer, **(window or {}))  # fmt: skip
+
+
+def write_explanation(
+    spec: ModelSpec, ex: Any, out: Path | Any, case: str, formats: Sequence[str]
+) -> list[Path]:
+    """Write ``formats`` of explanation ``ex`` as case folder ``out/<case>/`` (one transaction),
+    or into the staging :class:`~medcam.io.output.OutputDir` ``out`` that the caller commits."""
+    from medcam.io.output import OutputDir
+    from medcam.writers.outputs import write_case, write_outputs
+
+    if isinstance(out, OutputDir):
+        written = write_case(ex, out, formats, stem=case, model=spec.network)
+    else:
+        written = write_outputs(ex, out, formats, model=spec.network, case=case)
+    return [p for paths in written.values() for p in paths]
+
+
 def explain_and_write(
     spec: ModelSpec,
     explainer: Any,
@@ -271,19 +306,11 @@ def explain_and_write(
     ``window``: keyword arguments for :func:`medcam.explain_scan` saying how the model infers
     (``inferer``, ``expect``; see :func:`inference_options`).
     """
-    from medcam.io.output import OutputDir
-    from medcam.space import explain_scan
-    from medcam.writers.outputs import write_case, write_outputs
     from medcam.writers.registry import check_formats
 
     check_formats(formats, scan)  # before the model runs
-    ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
-                      normalize=normalize, explainer=explainer, **(window or {}))  # fmt: skip
-    if isinstance(out, OutputDir):
-        written = write_case(ex, out, formats, stem=case, model=spec.network)
-    else:
-        written = write_outputs(ex, out, formats, model=spec.network, case=case)
-    return ex, [p for paths in written.values() for p in paths]
+    ex = explain_loaded(spec, explainer, scan, target, normalize, window)
+    return ex, write_explanation(spec, ex, out, case, formats)
 
 
 def explain_inputs(
@@ -301,18 +328,27 @@ def explain_inputs(
     window: dict[str, Any] | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     log: Callable[[str], None] = print,
+    prefetch: int = 1,
 ) -> list[dict]:
     """Explain every case in ``inputs`` and write its outputs under ``out/<case>/``.
 
-    Returns one record per case: ``{"input", "case", "outputs"}``. Everything is validated (the
-    cases exist, the output folder is writable, the method and formats are known) before the
-    first case runs; each case's input is checked against what the network takes (spatial
-    rank, channels) before the model runs on it. ``window`` overrides the sliding-window
+    Returns one record per case: ``{"input", "case", "outputs", "seconds"}`` (``seconds``: per
+    stage, :mod:`medcam.progress`). Everything is validated (the cases exist, the output folder
+    is writable, the method and formats are known) before the first case runs; each case's
+    input is checked against what the network takes (spatial rank, channels) and the formats
+    it can be written in before the model runs on it. ``window`` overrides the sliding-window
     settings (:func:`parse_window`); the model's own inferer (a bundle's) is followed otherwise.
+
+    With ``prefetch`` > 0 the next case is loaded (up to ``prefetch`` cases ahead) and the
+    previous one written while a case is explained (:func:`medcam.prefetch.overlapped`); the
+    outputs are those of a serial run (``prefetch=0``). A failing case stops the run after the
+    cases before it have been written, with its error.
     """
     from medcam.engine.core import Explainer
     from medcam.io.output import OutputDir
     from medcam.io.scan import load_scan
+    from medcam.prefetch import overlapped
+    from medcam.progress import StageTimes, current_reporter, reporting
     from medcam.writers.outputs import case_name
     from medcam.writers.registry import check_formats
 
@@ -324,15 +360,37 @@ def explain_inputs(
     OutputDir(out)
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
     options = inference_options(spec, window)
-    records = []
-    for path in progress(cases):
+
+    def load(path: Path) -> tuple[Any, str]:
         scan = load_scan(path)
-        case = names[path] if name_from_input else case_name(scan)
-        _, paths = explain_and_write(spec, explainer, scan, Path(out), case, target, formats,
-                                     normalize, options)  # fmt: skip
-        files = [str(p) for p in paths]
-        records.append({"input": str(path), "case": case, "outputs": files})
-        log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
+        check_formats(formats, scan)  # before the model runs
+        return scan, names[path] if name_from_input else case_name(scan)
+
+    def explain(path: Path, loaded: tuple[Any, str]) -> tuple[Any, str]:
+        scan, case = loaded
+        return explain_loaded(spec, explainer, scan, target, normalize, options), case
+
+    def write(path: Path, explained: tuple[Any, str]) -> dict:
+        ex, case = explained
+        files = [str(p) for p in write_explanation(spec, ex, Path(out), case, formats)]
+        return {"input": str(path), "case": case, "outputs": files}
+
+    times = StageTimes(forward=current_reporter())
+    records = []
+    outcomes = overlapped(cases, load, explain, write, depth=max(0, int(prefetch)),
+                          label=str)  # fmt: skip
+    with reporting(times):
+        try:
+            for outcome in progress(_Sized(outcomes, len(cases))):
+                seconds = times.pop(str(outcome.item))
+                if outcome.error is not None:
+                    raise outcome.error
+                record = dict(outcome.value, seconds=seconds)
+                records.append(record)
+                log(f"{outcome.item} -> {Path(out) / record['case']} ({len(record['outputs'])} "
+                    f"outputs): {StageTimes.summary(seconds)}")  # fmt: skip
+        finally:
+            outcomes.close()  # a write in flight completes; nothing after a failure starts
     return records
 
 
@@ -349,6 +407,19 @@ def manifest_errors(path: Path) -> Iterator[None]:
         raise InputError(
             f"Cannot read the manifest {path} ({why}). Give a UTF-8 CSV file with a header row."
         ) from err
+
+
+class _Sized:
+    """An iterator with a length (so a progress bar knows the total)."""
+
+    def __init__(self, iterator: Iterable, length: int) -> None:
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return iter(self.iterator)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -455,30 +526,58 @@ def cohort_processor(
     normalize: str = "none",
     fusion: str | None = None,
     window: dict[str, Any] | None = None,
-) -> Callable[[Any, Path], list[Path]]:
+) -> CohortSteps:
     """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
     (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
     ``mask`` (NIfTI on the scan grid), the pointing game and energy inside it are added to the
     sidecar-style ``quality.json``. ``folder`` is the case's staging
-    :class:`~medcam.io.output.OutputDir` (the cohort commits it with its status record)."""
-    import json
+    :class:`~medcam.io.output.OutputDir` (the cohort commits it with its status record).
 
+    The processor also comes in steps (``load``, ``explain``, ``write``: a
+    :class:`medcam.cohort.CaseSteps`), so the cohort overlaps consecutive cases."""
     from medcam.engine.core import Explainer
-    from medcam.io.output import OutputDir
-    from medcam.io.scan import load_scan
 
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
     options = inference_options(spec, window)
+    return CohortSteps(spec, explainer, options, target, list(formats), normalize)
 
-    def process(case: Any, folder: OutputDir) -> list[Path]:
+
+@dataclass
+class CohortSteps:
+    """One cohort case in three steps (see :func:`cohort_processor`)."""
+
+    spec: ModelSpec
+    explainer: Any
+    options: dict[str, Any]
+    target: str
+    formats: list[str]
+    normalize: str
+
+    def load(self, case: Any) -> tuple[Any, Any]:
+        """The case's scan (and mask), checked against the formats; no model runs."""
+        from medcam.io.scan import load_scan
+        from medcam.writers.registry import check_formats
+
         scan = load_scan(case.input)
-        case_target = parse_target(case.target or target)
-        ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
-                                      formats, normalize, options)  # fmt: skip
-        if case.mask is not None:
+        check_formats(self.formats, scan)
+        mask = load_scan(case.mask).image[0].numpy() > 0 if case.mask is not None else None
+        return scan, mask
+
+    def explain(self, case: Any, loaded: tuple[Any, Any]) -> tuple[Any, Any]:
+        scan, mask = loaded
+        case_target = parse_target(case.target or self.target)
+        ex = explain_loaded(self.spec, self.explainer, scan, case_target, self.normalize,
+                            self.options)  # fmt: skip
+        return ex, mask
+
+    def write(self, case: Any, explained: tuple[Any, Any], folder: Any) -> list[Path]:
+        import json
+
+        ex, mask = explained
+        paths = write_explanation(self.spec, ex, folder, case.case_id, self.formats)
+        if mask is not None:
             from medcam import evaluate
 
-            mask = load_scan(case.mask).image[0].numpy() > 0
             heat = ex.heatmap[0].detach().cpu().numpy()
             if mask.shape != heat.shape:
                 raise InputError(f"mask {case.mask} is not on the scan grid {heat.shape}.")
@@ -493,4 +592,5 @@ def cohort_processor(
             paths.append(folder.final_path(written))
         return paths
 
-    return process
+    def __call__(self, case: Any, folder: Any) -> list[Path]:
+        return self.write(case, self.explain(case, self.load(case)), folder)

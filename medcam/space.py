@@ -2,15 +2,18 @@
 
 The scan (``Scan.image``, a MetaTensor with its RAS affine) goes through the user's MONAI
 preprocessing (array transforms such as ``Orientation``, ``Spacing``, ``ScaleIntensityRange``,
-``ResizeWithPadOrCrop``); the CAM is computed in model space, then wrapped as a MetaTensor that
-carries the image's ``applied_operations`` and inverted with the same preprocessing, so it lands
-on the source grid with the source shape and affine (MONAI's invertible transforms do the
-geometry; intensity transforms are not spatial and are skipped).
+``ResizeWithPadOrCrop``); the CAM is computed in model space, then put back on the source grid
+with the source shape and affine: the spatial transforms recorded in the model input's
+``applied_operations`` are composed into one map and the heatmap is resampled once
+(:mod:`medcam.inverse`, on the model's device); a chain that cannot be composed is undone by
+MONAI's own inverse transforms (logged, and recorded in the result). Intensity transforms are
+not spatial and are skipped.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +49,11 @@ class ScanExplanation:
         What was applied to ``heatmap`` (after inversion).
     preprocessing:
         Names of the preprocessing transforms that ran.
+    inverse:
+        How the maps were put back on the scan grid: ``{"method": "composed", "transforms",
+        "resamples": 1, "interpolation"}`` (one resample, :mod:`medcam.inverse`),
+        ``{"method": "monai", "reason"}`` (MONAI's inverse transforms, and why) or
+        ``{"method": "none"}`` (no geometry to undo).
     """
 
     scan: Scan
@@ -53,6 +61,7 @@ class ScanExplanation:
     cam: CAMResult
     normalization: dict[str, Any]
     preprocessing: list[str] = field(default_factory=list)
+    inverse: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_labels(self) -> list[str]:
@@ -75,6 +84,7 @@ class ScanExplanation:
             {
                 "normalization": dict(self.normalization),
                 "preprocessing": list(self.preprocessing),
+                "inverse": dict(self.inverse),
                 "source_shape": list(self.scan.spatial_shape),
                 "source_affine_ras": self.scan.affine_ras.tolist(),
                 "model_input_shape": list(self.cam.input_shape),
@@ -92,15 +102,25 @@ def _names(transform: Any) -> list[str]:
     return [type(transform).__name__]
 
 
-def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan: Scan):
-    """Put ``maps: (K, *model_spatial)`` back on the scan grid with MONAI's inverse transforms.
+def invert_to_source(
+    maps: torch.Tensor, model_input: Any, preprocess: Any, scan: Scan, record: dict | None = None
+):
+    """Put ``maps: (K, *model_spatial)`` back on the scan grid.
 
-    ``model_input`` is the preprocessed MetaTensor whose ``applied_operations`` describe the
-    geometry to undo. The inverted map lands on the grid of the image the preprocessing started
-    from; when that image was read by another reader than ``scan`` (a bundle's ``LoadImage``
-    orders DICOM slices by InstanceNumber, :func:`medcam.load_scan` by position), the two grids
-    are compared in world coordinates and the map is flipped / transposed onto the scan's grid
-    when they cover the same voxels. Returns a ``(K, *source_spatial)`` tensor.
+    ``model_input`` is the preprocessed MetaTensor whose ``applied_operations`` and affine
+    describe the geometry to undo. The spatial transforms are composed into one map from scan
+    voxels to model voxels and the heatmap is resampled once, in float32, in slabs, on the
+    maps' device (:mod:`medcam.inverse`). A chain that cannot be composed (a transform medcam
+    does not compose, a lazy chain, ...) is undone by MONAI's inverse transforms instead, and
+    the reason is logged (logger ``medcam``) and recorded in ``record`` when given
+    (``{"method": "composed" | "monai" | "none", ...}``).
+
+    MONAI's inverse lands on the grid of the image the preprocessing started from; when that
+    image was read by another reader than ``scan`` (a bundle's ``LoadImage`` orders DICOM
+    slices by InstanceNumber, :func:`medcam.load_scan` by position), the two grids are compared
+    in world coordinates and the map is flipped / transposed onto the scan's grid when they
+    cover the same voxels (the composed inverse places every scan voxel by world position).
+    Returns a ``(K, *source_spatial)`` tensor.
 
     Raises
     ------
@@ -110,33 +130,40 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     """
     from monai.data import MetaTensor
 
+    from medcam.inverse import GridMap, compose_inverse, resample_to_grid
+    from medcam.progress import stage
+
+    record = {} if record is None else record
     if isinstance(model_input, torch.Tensor):
         maps = maps.to(model_input.device)  # invert where the preprocessing ran
     spatial_ops = getattr(model_input, "applied_operations", [])
-    if preprocess is None or (isinstance(model_input, MetaTensor) and not spatial_ops):
-        out = maps  # nothing geometric to undo (intensity transforms only)
-        if isinstance(model_input, MetaTensor):
-            out = MetaTensor(maps, affine=model_input.affine)
-    else:
-        if not isinstance(model_input, MetaTensor):
+    with stage("back to scan"):
+        if preprocess is None or (isinstance(model_input, MetaTensor) and not spatial_ops):
+            record.update(method="none")  # nothing geometric to undo (intensity transforms only)
+            out = maps
+            if isinstance(model_input, MetaTensor):
+                out = MetaTensor(maps, affine=model_input.affine)
+        elif not isinstance(model_input, MetaTensor):
             raise MedcamError(
                 "The preprocessing returned a plain tensor, so its geometry cannot be undone. "
                 "Use MONAI array transforms (they return MetaTensors with applied_operations)."
             )
-        if not hasattr(preprocess, "inverse"):
-            raise MedcamError(
-                f"The preprocessing {type(preprocess).__name__} changed the geometry but has no "
-                "inverse(); use MONAI invertible transforms (a monai.transforms.Compose)."
+        else:
+            grid = compose_inverse(model_input, scan.affine_ras, scan.spatial_shape)
+            if isinstance(grid, GridMap):
+                record.update(method="composed", transforms=list(grid.transforms),
+                              resamples=1, interpolation=grid.mode)  # fmt: skip
+                return resample_to_grid(
+                    maps, grid, scan.spatial_shape, first_axis_fastest=True
+                )  # NIfTI / DICOM order
+            record.update(method="monai", reason=grid)
+            logging.getLogger("medcam").info(
+                "medcam: back to the scan grid with MONAI's inverse transforms (%s)", grid
             )
-        wrapped = MetaTensor(
-            maps,
-            meta=copy.deepcopy(model_input.meta),  # holds the model-space affine
-            applied_operations=copy.deepcopy(spatial_ops),
-        )
-        out = preprocess.inverse(wrapped)
-    if isinstance(out, MetaTensor):
-        affine = np.asarray(out.affine, dtype=np.float64)
-        out = _onto_scan_grid(out.as_tensor(), affine, scan, preprocess)
+            out = _monai_inverse(maps, model_input, preprocess, spatial_ops)
+        if isinstance(out, MetaTensor):
+            affine = np.asarray(out.affine, dtype=np.float64)
+            out = _onto_scan_grid(out.as_tensor(), affine, scan, preprocess)
     shape = tuple(out.shape[1:])
     if shape != scan.spatial_shape:
         raise MedcamError(
@@ -146,6 +173,23 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
             "for geometry (Spacing, Orientation, Resize, SpatialPad, CropForeground, ...)."
         )
     return out.float()
+
+
+def _monai_inverse(maps: torch.Tensor, model_input: Any, preprocess: Any, spatial_ops: list):
+    """MONAI's own inverse of ``preprocess`` applied to ``maps`` (the fallback)."""
+    from monai.data import MetaTensor
+
+    if not hasattr(preprocess, "inverse"):
+        raise MedcamError(
+            f"The preprocessing {type(preprocess).__name__} changed the geometry but has no "
+            "inverse(); use MONAI invertible transforms (a monai.transforms.Compose)."
+        )
+    wrapped = MetaTensor(
+        maps,
+        meta=copy.deepcopy(model_input.meta),  # holds the model-space affine
+        applied_operations=copy.deepcopy(spatial_ops),
+    )
+    return preprocess.inverse(wrapped)
 
 
 def _affine_nd(affine: np.ndarray, nd: int) -> np.ndarray:
@@ -241,10 +285,11 @@ def on_source(
 ) -> ScanExplanation:
     """The explanation of one scan from its (batch-of-one) model-space ``cam``: the maps inverted
     to the scan grid (:func:`invert_to_source`), then normalised as asked and recorded."""
-    source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan)
+    inverse: dict[str, Any] = {}
+    source_maps = invert_to_source(cam.heatmap[0], model_input, preprocess, scan, inverse)
     heatmap, record = normalize_maps(source_maps[None], normalize)
     names = _names(preprocess) if preprocess is not None else []
-    return ScanExplanation(scan, heatmap[0], cam, record, names)
+    return ScanExplanation(scan, heatmap[0], cam, record, names, inverse)
 
 
 def _window(inferer: Any, roi_size, sw_batch_size: int, overlap: float):
@@ -359,9 +404,12 @@ def explain_scan(
         scan = load_scan(scan)
     if explainer is None:
         explainer = Explainer(model, layers, method, **explainer_kwargs)
+    from medcam.progress import stage
+
     # preprocessing, CAM and inversion all run on the model's device (no host round trip)
-    model_input = preprocess_scan(scan, preprocess, model_device(explainer.model, scan.image),
-                                  expect)  # fmt: skip
+    with stage("preprocess"):
+        model_input = preprocess_scan(scan, preprocess, model_device(explainer.model, scan.image),
+                                      expect)  # fmt: skip
     # a plain tensor into the network: MetaTensor's per-op metadata handling slows every layer
     plain = model_input.as_tensor() if hasattr(model_input, "as_tensor") else model_input
     batch = torch.as_tensor(plain)[None]
@@ -377,7 +425,9 @@ def explain_scan(
                 "extra_inputs / forward_kwargs need the whole input in one forward pass; they "
                 "cannot be combined with sliding windows (roi_size, a SlidingWindowInferer)."
             )
-        cam = explainer((batch, *extra), resolve_target(target), forward_kwargs=forward_kwargs)
+        with stage("explain"):
+            cam = explainer((batch, *extra), resolve_target(target), forward_kwargs=forward_kwargs)
     else:
-        cam = explain_with_inferer(explainer, batch, target, window)
+        with stage("explain"):
+            cam = explain_with_inferer(explainer, batch, target, window)
     return on_source(scan, cam, model_input, preprocess, normalize)

@@ -242,3 +242,19 @@ def test_window_options_are_checked_before_the_model_runs(tmp_path, phantom_case
         lines = [line for line in result.output.splitlines() if line.startswith("medcam:")]
         assert len(lines) == 1 and lines[0].startswith("medcam: error: "), (bad, result.output)
         assert not out.exists() or not any(out.iterdir()), bad
+
+
+def test_progress_lines_per_case_and_quiet(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    args = ["explain", str(folder), "--model", "tests.helpers:intensity_cam_3d", "--layer", "conv",
+            "--target", "0", "--format", "nifti,json"]  # fmt: skip
+    loud = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert loud.exit_code == 0, loud.output
+    lines = [line for line in loud.output.splitlines() if "outputs): " in line]
+    assert len(lines) == 2  # one per case, with its stage times
+    for line in lines:
+        for stage in ("load", "preprocess", "explain", "back to scan", "nifti", "json"):
+            assert f"{stage} " in line.split("outputs): ", 1)[1]
+    quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output == ""
+    assert len(list((tmp_path / "b").rglob("*.nii.gz"))) == 2

@@ -163,3 +163,32 @@ def test_failed_case_is_recorded_and_status_is_nonzero(cohort, tmp_path):
                                  "--target", "0", "--format", "nifti,json"])  # fmt: skip
     assert "1 skipped" in again.output
     assert json.loads((out / "ok" / "medcam.json").read_text())["finished"] == ok_finished
+
+
+def test_overlapped_cohort_writes_what_a_serial_one_writes(cohort, tmp_path):
+    manifest = tmp_path / "m.csv"
+    rows = [f"c{i:02d},{cohort}/scan{i:02d}.nii.gz" for i in range(4)]
+    manifest.write_text("case_id,input\n" + "\n".join(rows) + "\n")
+    runner = CliRunner()
+    outs = {}
+    for prefetch in ("0", "2"):
+        out = tmp_path / f"out{prefetch}"
+        run = runner.invoke(main, ["cohort", "run", "--manifest", str(manifest), "--out",
+                                   str(out), "--model", "tests.helpers:intensity_cam_3d",
+                                   "--layer", "conv", "--target", "0", "--format", "nifti,json",
+                                   "--prefetch", prefetch, "--quiet"])  # fmt: skip
+        assert run.exit_code == 0 and "4 done" in run.output, run.output
+        outs[prefetch] = out
+    records = {p: _records(o) for p, o in outs.items()}
+    assert records["0"].keys() == records["2"].keys() == {f"c{i:02d}" for i in range(4)}
+    for case_id, record in records["0"].items():
+        other = records["2"][case_id]
+        assert record["status"] == other["status"] == "done"
+        assert record["outputs"] == other["outputs"]
+        assert {"load", "explain", "nifti", "json"} <= set(other["seconds"])
+        for name in record["outputs"]:
+            if name.endswith(".nii.gz"):
+                a = nib.load(outs["0"] / case_id / name)
+                b = nib.load(outs["2"] / case_id / name)
+                np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+                np.testing.assert_array_equal(a.affine, b.affine)

@@ -42,3 +42,108 @@ def test_a_2d_image_for_a_3d_network_is_refused_before_the_model_runs(tmp_path):
         explain_inputs(spec, [slice_2d], tmp_path / "out", target=1, formats=["nifti"],
                        log=lambda _: None)  # fmt: skip
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _folder(tmp_path, n: int = 4):
+    from tests.zoo import write_ct
+
+    folder = tmp_path / "cases"
+    for i in range(n):
+        write_ct(folder / f"case{i}.nii.gz", (18, 16, 10 + i), (2.0, 2.0, 3.0), seed=i)
+    return folder
+
+
+def _spec():
+    from monai.transforms import Compose, Orientation, Spacing
+
+    from tests.conftest import IntensityCAM
+
+    pre = Compose([Orientation("RAS", labels=None), Spacing((3.0, 3.0, 4.0))])
+    return ModelSpec(IntensityCAM().eval(), pre, "test")
+
+
+def _tree(out) -> dict:
+    """Every output file: NIfTI voxels and affines, JSON sidecars without their clock times."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    tree = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_dir():
+            continue
+        key = str(p.relative_to(out))
+        if p.name.endswith(".nii.gz"):
+            img = nib.load(p)
+            tree[key] = (np.asarray(img.dataobj).tobytes(), img.affine.tobytes())
+        elif p.suffix == ".json":
+            text = json.loads(p.read_text())
+            text.pop("created", None)
+            tree[key] = json.dumps(text, sort_keys=True, default=str)
+        else:
+            tree[key] = p.stat().st_size
+    return tree
+
+
+def test_a_folder_overlapped_writes_what_a_serial_run_writes(tmp_path):
+    folder = _folder(tmp_path)
+    spec = _spec()
+    serial = explain_inputs(spec, [folder], tmp_path / "serial", target=0, layers="conv",
+                            formats=["nifti", "json"], prefetch=0, log=lambda _: None)  # fmt: skip
+    ahead = explain_inputs(spec, [folder], tmp_path / "ahead", target=0, layers="conv",
+                           formats=["nifti", "json"], prefetch=2, log=lambda _: None)  # fmt: skip
+    assert (
+        [r["input"] for r in ahead]
+        == [r["input"] for r in serial]
+        == [str(folder / f"case{i}.nii.gz") for i in range(4)]
+    )
+    assert [r["case"] for r in ahead] == [r["case"] for r in serial]
+    a, b = _tree(tmp_path / "serial"), _tree(tmp_path / "ahead")
+    assert len(a) == 8 and a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key], key
+
+
+def test_a_failing_case_stops_the_folder_after_the_cases_before_it(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "case2.nii.gz").write_bytes(b"not a nifti file")
+    for prefetch in (0, 1):
+        out = tmp_path / f"out{prefetch}"
+        with pytest.raises(MedcamError, match="case2"):
+            explain_inputs(_spec(), [folder], out, target=0, layers="conv", formats=["nifti"],
+                           prefetch=prefetch, log=lambda _: None)  # fmt: skip
+        written = sorted(p.name for p in out.rglob("*.nii.gz"))
+        assert len(written) == 2  # case0 and case1, nothing after the failed case
+
+
+def test_every_stage_of_every_case_is_reported(tmp_path):
+    from medcam.progress import reporting
+
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def started(self, case, stage):
+            self.events.append(("start", case, stage))
+
+        def finished(self, case, stage, seconds):
+            assert seconds >= 0
+            self.events.append(("end", case, stage))
+
+    folder = _folder(tmp_path, 2)
+    recorder, lines = Recorder(), []
+    with reporting(recorder):
+        records = explain_inputs(_spec(), [folder], tmp_path / "out", target=0, layers="conv",
+                                 formats=["nifti", "png", "json"], log=lines.append)  # fmt: skip
+    stages = ["load", "preprocess", "explain", "back to scan", "nifti", "png", "json"]
+    for record in records:
+        case = record["input"]
+        ended = [s for kind, c, s in recorder.events if kind == "end" and c == case]
+        assert ended == stages
+        assert list(record["seconds"]) == stages
+    assert len(lines) == 2 and all("load " in line and "back to scan " in line for line in lines)
+    assert all(kind == "end" for kind, _, _ in recorder.events[-1:])

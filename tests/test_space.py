@@ -138,3 +138,131 @@ def test_a_2d_slice_for_a_3d_network_is_refused_before_the_model_runs():
     with pytest.raises(InputError, match=r"3 channel.*takes 1"):
         medcam.explain_scan(net, MetaTensor(rgb), target=1, expect=InputSpec(3, 1))
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- one resample
+
+
+def _oblique_scan(tmp_path):
+    """An oblique, anisotropic NIfTI scan with a bright blob off-centre."""
+    import nibabel as nib
+
+    from medcam.data.synthetic import rotation
+
+    shape = (44, 36, 18)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation((10.0, -6.0, 20.0)) @ np.diag([1.1, 0.9, 2.6])
+    affine[:3, 3] = [20.0, -15.0, 5.0]
+    g = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    data = np.exp(-((g[0] - 28) ** 2 + (g[1] - 12) ** 2 + 4 * (g[2] - 10) ** 2) / 40.0) * 100
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), tmp_path / "oblique.nii.gz")
+    return load_scan(tmp_path / "oblique.nii.gz")
+
+
+def _monai_reference(ex, preprocess):
+    """The model-space CAM put back by MONAI's own ``Compose.inverse`` (the reference)."""
+    import copy
+
+    from monai.data import MetaTensor
+
+    model_input = preprocess(ex.scan.image)
+    wrapped = MetaTensor(
+        ex.cam.heatmap[0],
+        meta=copy.deepcopy(model_input.meta),
+        applied_operations=copy.deepcopy(model_input.applied_operations),
+    )
+    return preprocess.inverse(wrapped).as_tensor().float()
+
+
+def test_explain_scan_resamples_once_and_equals_monai_inverse(tmp_path, intensity_cam):
+    """Orientation + anisotropic Spacing + pad/crop on an oblique scan: the composed inverse
+    is used (recorded), and its map equals MONAI's inverse transforms voxel for voxel."""
+    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
+
+    import medcam
+
+    scan = _oblique_scan(tmp_path)
+    pre = Compose([Orientation("RAS", labels=None), Spacing((2.0, 2.0, 3.0)),
+                   ResizeWithPadOrCrop((24, 20, 12))])  # fmt: skip
+    ex = medcam.explain_scan(intensity_cam, scan, preprocess=pre, target=0, layers="conv")
+    assert ex.inverse["method"] == "composed" and ex.inverse["resamples"] == 1
+    assert ex.inverse["transforms"] == ["Orientation", "SpatialResample", "ResizeWithPadOrCrop"]
+    assert ex.metadata()["inverse"]["method"] == "composed"
+    reference = _monai_reference(ex, pre)
+    assert ex.heatmap.shape == reference.shape == scan.image.shape
+    torch.testing.assert_close(ex.heatmap, reference, rtol=1e-4, atol=1e-5 * reference.max())
+    # the known answer: this network's map is the preprocessed image, so the blob comes back
+    # where it is in the scan
+    peak = np.unravel_index(int(ex.heatmap[0].argmax()), scan.spatial_shape)
+    assert np.abs(np.array(peak) - [28, 12, 10]).max() <= 1
+
+
+def test_sliding_window_path_resamples_once(tmp_path):
+    from monai.transforms import Compose, Orientation, Spacing
+
+    import medcam
+    from tests.engine.test_sliding import IdentitySegmenter
+
+    scan = _oblique_scan(tmp_path)
+    pre = Compose([Orientation("LPS", labels=None), Spacing((1.5, 1.5, 2.0))])
+    shape = pre(scan.image).shape[1:]
+    target = medcam.SegmentationTarget(1, mask=torch.ones(shape))
+    ex = medcam.explain_scan(IdentitySegmenter().eval(), scan, preprocess=pre, target=target,
+                             layers="conv", method="hirescam", roi_size=(16, 16, 16))  # fmt: skip
+    assert ex.inverse["method"] == "composed"
+    assert ex.metadata()["sliding_window"]["windows"] > 1
+    reference = _monai_reference(ex, pre)
+    torch.testing.assert_close(ex.heatmap, reference, rtol=1e-4, atol=1e-5 * reference.max())
+
+
+def test_a_chain_that_cannot_be_composed_falls_back_to_monai_and_says_why(
+    tmp_path, intensity_cam, caplog
+):
+    import logging
+
+    from monai.transforms import Compose, Orientation, Rotate90, Spacing
+
+    import medcam
+
+    scan = _oblique_scan(tmp_path)
+    pre = Compose([Orientation("RAS", labels=None), Spacing((2.0, 2.0, 3.0)), Rotate90()])
+    with caplog.at_level(logging.INFO, logger="medcam"):
+        ex = medcam.explain_scan(intensity_cam, scan, preprocess=pre, target=0, layers="conv")
+    assert ex.inverse["method"] == "monai" and "Rotate90" in ex.inverse["reason"]
+    assert any("MONAI's inverse" in r.getMessage() and "Rotate90" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    torch.testing.assert_close(ex.heatmap, _monai_reference(ex, pre))
+
+
+def test_intensity_only_preprocessing_needs_no_resampling(tmp_path, intensity_cam):
+    from monai.transforms import ScaleIntensity
+
+    import medcam
+
+    scan = _oblique_scan(tmp_path)
+    ex = medcam.explain_scan(intensity_cam, scan, preprocess=ScaleIntensity(), target=0,
+                             layers="conv")  # fmt: skip
+    assert ex.inverse["method"] == "none"
+    expected = torch.relu(ScaleIntensity()(scan.image).as_tensor()) / scan.image[0].numel()
+    torch.testing.assert_close(ex.heatmap, expected.float(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_explain_scan_inverse_on_cuda_equals_cpu_and_stays_on_the_device(tmp_path):
+    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
+
+    import medcam
+    from tests.conftest import IntensityCAM
+
+    scan = _oblique_scan(tmp_path)
+    pre = Compose([Orientation("RAS", labels=None), Spacing((2.0, 2.0, 3.0)),
+                   ResizeWithPadOrCrop((24, 20, 12))])  # fmt: skip
+    cpu = medcam.explain_scan(IntensityCAM().eval(), scan, preprocess=pre, target=0,
+                              layers="conv")  # fmt: skip
+    gpu = medcam.explain_scan(IntensityCAM().eval().cuda(), scan, preprocess=pre, target=0,
+                              layers="conv")  # fmt: skip
+    assert gpu.inverse["method"] == "composed"
+    assert gpu.heatmap.device.type == "cuda"
+    torch.testing.assert_close(gpu.heatmap.cpu(), cpu.heatmap, rtol=1e-4,
+                               atol=1e-5 * float(cpu.heatmap.max()))  # fmt: skip

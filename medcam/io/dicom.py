@@ -81,7 +81,8 @@ class DicomVolume:
     Attributes
     ----------
     array:
-        ``(X, Y, Z)`` float32 (columns, rows, slices) for a volume; ``(X, Y)`` for a 2D image.
+        ``(X, Y, Z)`` float32 (columns, rows, slices) for a volume; ``(X, Y)`` for a 2D image;
+        C-contiguous (MONAI's layout), converted from the files once.
     affine_lps:
         4x4 voxel-index to LPS-mm map (``None`` for a 2D image without geometry). For a volume
         its third column points along ``+cross(row, column cosines)``.
@@ -240,9 +241,63 @@ def _pixels(ds) -> np.ndarray:
 
 
 def _modality_values(ds) -> np.ndarray:
+    """One image's pixels in modality units (RescaleSlope/Intercept or Modality LUT applied), in
+    the dtype the rescale gives (float64, or the stored integers): callers write it into their
+    float32 volume, so the volume is converted once, slice by slice."""
     from pydicom.pixels import apply_rescale
 
-    return np.asarray(apply_rescale(_pixels(ds), ds), dtype=np.float32)
+    return apply_rescale(_pixels(ds), ds)
+
+
+#: Slices converted per block when a volume is filled (a few MB of frames at a time).
+BLOCK_SLICES = 16
+
+
+def _fill_volume(columns: int, rows: int, slices: int, fill) -> np.ndarray:
+    """A ``(X, Y, Z)`` float32 volume (C-contiguous, MONAI's layout) from its slices:
+    ``fill(z, plane)`` writes slice ``z`` as a ``(rows, columns)`` frame into ``plane``.
+
+    Frames are converted into a small block of :data:`BLOCK_SLICES` frames, then copied into
+    the volume together (one transposing copy per block, cache-friendly), so no second volume
+    is ever allocated.
+    """
+    values = np.empty((columns, rows, slices), np.float32)
+    block = np.empty((min(BLOCK_SLICES, slices), rows, columns), np.float32)
+    for z0 in range(0, slices, len(block)):
+        z1 = min(z0 + len(block), slices)
+        for z in range(z0, z1):
+            fill(z, block[z - z0])
+        values[:, :, z0:z1] = block[: z1 - z0].transpose(2, 1, 0)
+    return values
+
+
+def _stack_slices(datasets: list) -> np.ndarray:
+    """``(X, Y, Z)`` float32 from sorted single-frame datasets, each slice converted straight
+    into its place (no whole-volume temporary); each dataset's pixel data is dropped once
+    converted, so the encoded and the decoded volume are never both held in full."""
+
+    def fill(z: int, plane: np.ndarray) -> None:
+        _fill_modality_values(plane, datasets[z])
+        _drop_pixels(datasets[z])
+
+    first = datasets[0]
+    return _fill_volume(int(first.Columns), int(first.Rows), len(datasets), fill)
+
+
+def _fill_modality_values(dst: np.ndarray, ds) -> None:
+    """Write one image's modality values into ``dst`` (float32, ``(rows, columns)``).
+
+    The usual CT case, 8/16-bit integers with slope 1 and an integer intercept, is computed in
+    float32 directly (exact: every result is an integer below 2**24); anything else goes
+    through pydicom's ``apply_rescale`` in float64 and is rounded once into ``dst``."""
+    if "ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        pixels = _pixels(ds)
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        small_int = pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2
+        if small_int and slope == 1.0 and intercept.is_integer() and abs(intercept) < 2**23:
+            np.add(pixels, np.float32(intercept), out=dst, dtype=np.float32)
+            return
+    dst[...] = _modality_values(ds)
 
 
 def _drop_pixels(ds):
@@ -399,8 +454,7 @@ def read_dicom_series(folder: str | Path) -> DicomVolume:
         np.array([_floats(ds.PixelSpacing) for ds in datasets]),
     )
     datasets = [datasets[i] for i in order]
-    array = np.stack([_modality_values(ds).T for ds in datasets], axis=-1)  # (X, Y, Z)
-    return DicomVolume(array.astype(np.float32), affine, [_drop_pixels(ds) for ds in datasets])
+    return DicomVolume(_stack_slices(datasets), affine, datasets)
 
 
 def read_dicom_file(path: str | Path) -> DicomVolume:
@@ -442,6 +496,7 @@ def _read_2d(ds) -> DicomVolume:
     pixels = _modality_values(ds)
     if pixels.ndim == 3:  # colour: (rows, cols, 3) -> keep luminance
         pixels = pixels.mean(axis=-1)
+    pixels = np.ascontiguousarray(pixels.T, dtype=np.float32)  # (X, Y)
     affine = None
     if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
         iop = _floats(ds.ImageOrientationPatient)
@@ -451,7 +506,7 @@ def _read_2d(ds) -> DicomVolume:
         affine[:3, 1] = iop[3:] * sp[0]
         affine[:3, 2] = np.cross(iop[:3], iop[3:]) * float(ds.get("SliceThickness", 1.0) or 1.0)
         affine[:3, 3] = _floats(ds.ImagePositionPatient)
-    return DicomVolume(pixels.T.astype(np.float32), affine, [_drop_pixels(ds)], "2d")
+    return DicomVolume(pixels, affine, [_drop_pixels(ds)], "2d")
 
 
 # ----------------------------------------------------------------------------- enhanced
@@ -528,10 +583,13 @@ def _read_enhanced(ds, path: Path) -> DicomVolume:
     pixels = _pixels(ds)
     if pixels.ndim == 2:
         pixels = pixels[None]
-    values = np.empty((int(ds.Columns), int(ds.Rows), n), np.float32)  # (X, Y, Z)
-    for z, f in enumerate(order):
+
+    def fill(z: int, plane: np.ndarray) -> None:
+        f = order[z]
         slope, intercept = slopes[f]
-        values[:, :, z] = (pixels[f].astype(np.float64) * slope + intercept).T
+        plane[...] = pixels[f].astype(np.float64) * slope + intercept
+
+    values = _fill_volume(int(ds.Columns), int(ds.Rows), n, fill)  # (X, Y, Z)
     frames = [int(f) + 1 for f in order]
     return DicomVolume(values, affine, [_drop_pixels(ds)], "enhanced", frames)
 
@@ -609,13 +667,13 @@ def _read_mosaic(ds, path: Path) -> DicomVolume:
             "its slice spacing is unknown."
         )
     step = float(step)
-    values = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)))  # (X, Y, Z) in tile order
     if sign < 0:  # tiles run against cross(row, col): store them ascending along it
-        values = values[:, :, ::-1]
+        stack = stack[::-1]
         first = first - (n - 1) * step * normal
+    values = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)), dtype=np.float32)  # (X, Y, Z)
     affine = np.eye(4)
     affine[:3, 0] = row_cos * col_spacing
     affine[:3, 1] = col_cos * row_spacing
     affine[:3, 2] = normal * step
     affine[:3, 3] = first
-    return DicomVolume(values.astype(np.float32), affine, [_drop_pixels(ds)], "mosaic")
+    return DicomVolume(values, affine, [_drop_pixels(ds)], "mosaic")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -11,14 +13,19 @@ from medcam.errors import MedcamError
 
 __all__ = [
     "DicomIdentity",
+    "FramePixels",
     "complete_type2",
     "copy_source_geometry",
     "derived_uid",
+    "file_frame_slices",
     "frames_for_source",
+    "header_only",
     "method_code",
     "require_dicom_series",
     "source_images",
     "uid_seed_for",
+    "volume_frames",
+    "write_dataset",
 ]
 
 MANUFACTURER = "medcam"
@@ -260,12 +267,14 @@ def copy_source_geometry(ds, scan) -> None:
         group.PlanePositionSequence[0].ImagePositionPatient = _exact(position.ImagePositionPatient)
 
 
-def sort_frames_along_normal(ds) -> None:
+def sort_frames_along_normal(ds) -> np.ndarray:
     """Reorder a multi-frame object's frames ascending along the slice normal, in place.
 
     dcmqi (3D Slicer's DICOM Parametric Map / SEG loader) puts frame k at slice k counted from
     the lowest position along cross(row, column cosines), so frames in another order load
-    flipped. Pixel data, per-frame functional groups and DimensionIndexValues move together.
+    flipped. Pixel data, per-frame functional groups and DimensionIndexValues move together
+    (an object built without its pixel data, to be streamed, gets its groups reordered only).
+    Returns ``order``: new frame ``j`` is the old frame ``order[j]``.
     """
     shared = ds.SharedFunctionalGroupsSequence[0]
     iop = np.array(
@@ -279,8 +288,9 @@ def sort_frames_along_normal(ds) -> None:
     ]
     order = np.argsort(dist, kind="stable")
     if (order == np.arange(len(order))).all():
-        return
-    _reorder_pixel_frames(ds, order)
+        return order
+    if any(len(ds.get(k) or b"") for k in ("PixelData", "FloatPixelData")):
+        _reorder_pixel_frames(ds, order)
     ds.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
     position_dims = [
         d
@@ -294,6 +304,7 @@ def sort_frames_along_normal(ds) -> None:
             values[d] = new + 1
         values = [int(v) for v in values]
         content.DimensionIndexValues = values if len(values) > 1 else values[0]
+    return order
 
 
 def _reorder_pixel_frames(ds, order: np.ndarray) -> None:
@@ -310,3 +321,150 @@ def _reorder_pixel_frames(ds, order: np.ndarray) -> None:
         dtype = {8: np.uint8, 16: "<u2", 32: "<u4"}[int(ds.BitsAllocated)]
         frames = np.frombuffer(ds.PixelData, dtype).reshape(n, -1)
         ds.PixelData = frames[order].tobytes()
+
+
+# ----------------------------------------------------------------------------- streamed pixels
+#
+# A float Parametric Map of a 512 x 512 x 1,000 CT is 1 GB of pixel data. highdicom builds it
+# in memory (a list of frame bytes, then one joined copy) before pydicom writes it. medcam
+# builds the object's header with highdicom as usual, but without encoding pixels, and writes
+# the pixel data element itself, frame slab by frame slab, straight from the heatmap: the
+# file's bytes are the same as pydicom's ``save_as`` of the complete object (tested), and
+# memory holds one slab instead of two copies of the map.
+
+#: The pixel data elements medcam streams: keyword -> (tag, explicit VR).
+_PIXEL_ELEMENTS = {"FloatPixelData": (0x7FE00008, b"OF"), "PixelData": (0x7FE00010, b"OB")}
+
+#: Frames per slab when streaming (bounded by bytes, see :func:`volume_frames`).
+SLAB_BYTES = 32 << 20
+
+
+def header_only(cls: type) -> type:
+    """A subclass of a highdicom multi-frame class (``ParametricMap``, ``Segmentation``) whose
+    constructor builds everything but the encoded pixel data (each frame encodes to ``b""``)."""
+    cached = _HEADER_CLASSES.get(cls)
+    if cached is None:
+        cached = type(f"_{cls.__name__}Header", (cls,), {"_encode_pixels_native": _no_pixels})
+        _HEADER_CLASSES[cls] = cached
+    return cached
+
+
+def _no_pixels(self, planes) -> bytes:  # highdicom's hook that encodes native frames
+    return b""
+
+
+_HEADER_CLASSES: dict[type, type] = {}
+
+
+@dataclass
+class FramePixels:
+    """Pixel data of a multi-frame object, produced slab by slab when the object is written.
+
+    Attributes
+    ----------
+    keyword:
+        ``"FloatPixelData"`` (float32 frames) or ``"PixelData"`` (8-bit or 1-bit frames).
+    length:
+        Byte length of the element's value (even).
+    chunks:
+        ``chunks()`` yields the value's bytes (bytes-like objects) in file order.
+    """
+
+    keyword: str
+    length: int
+    chunks: Callable[[], Iterator[Any]]
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+def attach_pixels(ds, pixels: FramePixels) -> None:
+    """Give ``ds`` its pixel data in memory (for callers who want a complete dataset)."""
+    setattr(ds, pixels.keyword, pixels.tobytes())
+
+
+def write_dataset(ds, pixels: FramePixels | None, path) -> None:
+    """Write ``ds`` to ``path`` as ``ds.save_as`` would, its pixel data streamed from ``pixels``.
+
+    ``ds`` holds no pixel data element (its header was built by :func:`header_only`); the
+    element is appended after pydicom has written the rest, as the last element of the
+    dataset, in explicit VR little endian (the transfer syntax highdicom uses for uncompressed
+    objects). Anything else falls back to writing the complete object from memory.
+    """
+    if pixels is None:
+        ds.save_as(path)
+        return
+    tag, vr = _PIXEL_ELEMENTS[pixels.keyword]
+    for keyword in _PIXEL_ELEMENTS:
+        if keyword in ds and not len(ds[keyword].value or b""):
+            del ds[keyword]
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    last = max((int(e.tag) for e in ds), default=0)
+    if syntax != "1.2.840.10008.1.2.1" or last >= tag or pixels.length % 2:
+        attach_pixels(ds, pixels)  # not the layout this writer knows: pydicom writes it all
+        ds.save_as(path)
+        return
+    import struct
+
+    with open(path, "wb") as f:
+        ds.save_as(f)
+        f.write(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, pixels.length))
+        written = 0
+        for chunk in pixels.chunks():
+            written += f.write(chunk)
+    if written != pixels.length:  # a bug, never a silently truncated object
+        raise MedcamError(
+            f"Streaming the pixel data of {path} wrote {written} bytes, expected "
+            f"{pixels.length}; the file is incomplete. Please report this."
+        )
+
+
+def file_frame_slices(ds, scan) -> np.ndarray:
+    """For each frame of derived object ``ds``, in file order, the source slice it lies on.
+
+    Read from each frame's own reference (DerivationImageSequence: the source image, and frame
+    number for an Enhanced source), so the pixel data follows the functional groups whatever
+    order highdicom and :func:`sort_frames_along_normal` left them in.
+    """
+    slice_of = {}
+    for z, (src, frame) in enumerate(scan.slice_sources):
+        slice_of[(str(src.SOPInstanceUID), frame)] = z
+    slices = []
+    for j, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        key = None
+        if "DerivationImageSequence" in group:
+            ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+            frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+            key = (str(ref.ReferencedSOPInstanceUID), frame)
+        if key not in slice_of:
+            raise MedcamError(
+                f"Frame {j + 1} of the derived object does not reference a slice of the source "
+                "series, so its pixels cannot be placed. Please report this."
+            )
+        slices.append(slice_of[key])
+    return np.asarray(slices, dtype=np.int64)
+
+
+def volume_frames(volume: np.ndarray, slices: np.ndarray):
+    """Yield the frames ``volume[:, :, z].T`` for ``z`` in ``slices``, in slabs ``(s, rows,
+    columns)`` of at most :data:`SLAB_BYTES`, C-contiguous.
+
+    Each slab is one copy of its frames (none when the volume's memory already runs X fastest).
+    """
+    from medcam.writers.registry import slab_zyx
+
+    zyx = np.transpose(volume, (2, 1, 0))
+    per_frame = max(1, zyx[0].nbytes)
+    step = max(1, SLAB_BYTES // per_frame)
+    slices = np.asarray(slices)
+    start = 0
+    while start < len(slices):
+        stop = start + 1
+        while stop < len(slices) and stop - start < step and slices[stop] == slices[stop - 1] + 1:
+            stop += 1
+        z0, z1 = int(slices[start]), int(slices[stop - 1]) + 1
+        if z1 - z0 == stop - start:  # consecutive slices
+            yield slab_zyx(volume, z0, z1)
+        else:
+            yield np.ascontiguousarray(zyx[slices[start:stop]])
+        start = stop

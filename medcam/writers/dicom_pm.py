@@ -8,11 +8,16 @@ import numpy as np
 
 from medcam.writers.dicom_common import (
     DicomIdentity,
-    frames_from_volume,
+    FramePixels,
+    attach_pixels,
+    file_frame_slices,
+    header_only,
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
     uid_seed_for,
+    volume_frames,
+    write_dataset,
 )
 from medcam.writers.registry import CaseOutput, register_format
 
@@ -27,8 +32,15 @@ def build_parametric_map(
     label: str,
     identity: DicomIdentity,
     description: str = "",
+    value_range: tuple[float, float] | None = None,
+    stream: bool = False,
 ):
     """A float32 Parametric Map of ``heatmap (X, Y, Z)`` on ``scan``'s DICOM series.
+
+    Returns the complete dataset; with ``stream=True``, ``(dataset without pixel data,
+    FramePixels)`` for :func:`~medcam.writers.dicom_common.write_dataset`, which writes the
+    frames slab by slab from ``heatmap`` (the same file, without a second copy of the map in
+    memory). ``value_range``: the map's (min, max), when the caller knows it.
 
     Real values are stored directly (slope 1, intercept 0: OHIF ignores the Real World Value
     Mapping, Slicer reads it), with the mapping's quantity set to the DICOM code for the method
@@ -50,11 +62,11 @@ def build_parametric_map(
     from pydicom import Dataset
     from pydicom.sr.codedict import codes
 
-    from medcam.writers.dicom_common import copy_source_geometry, frames_for_source, source_images
+    from medcam.writers.dicom_common import copy_source_geometry, source_images
 
     require_dicom_series(scan, "DICOM Parametric Map")
-    frames = frames_for_source(frames_from_volume(np.asarray(heatmap, dtype=np.float32)), scan)
-    lo, hi = float(frames.min()), float(frames.max())
+    heat = np.asarray(heatmap, dtype=np.float32)
+    lo, hi = (float(heat.min()), float(heat.max())) if value_range is None else value_range
     if hi <= lo:
         hi = lo + 1.0
     code = method_code(method)
@@ -67,9 +79,11 @@ def build_parametric_map(
         slope=1.0,
         quantity_definition=code,
     )
-    pm = hd.pm.ParametricMap(
+    columns, rows, n = heat.shape
+    # the header only: the pixel data is written from the heatmap (FramePixels below)
+    pm = header_only(hd.pm.ParametricMap)(
         source_images=source_images(scan),
-        pixel_array=frames,
+        pixel_array=np.broadcast_to(np.zeros((1, rows, columns), np.float32), (n, rows, columns)),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
@@ -91,6 +105,15 @@ def build_parametric_map(
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
     copy_source_geometry(pm, scan)
     sort_frames_along_normal(pm)
+    slices = file_frame_slices(pm, scan)
+    pixels = FramePixels(
+        "FloatPixelData",
+        4 * columns * rows * n,
+        lambda: (f.astype("<f4", copy=False) for f in volume_frames(heat, slices)),
+    )
+    if stream:
+        return pm, pixels
+    attach_pixels(pm, pixels)
     return pm
 
 
@@ -102,7 +125,9 @@ def write_parametric_maps(out: CaseOutput) -> list[Path]:
     for k, label in enumerate(out.labels):
         seed = uid_seed_for(out.options, "dicom-pm", k)
         identity = DicomIdentity.new(out.series_number(k, 1), seed=seed)
-        pm = build_parametric_map(out.heat[k], out.scan, method=out.method, label=label,
-                                  identity=identity)  # fmt: skip
-        paths.append(out.folder.write_file(f"{out.base(k)}_pm.dcm", lambda p, d=pm: d.save_as(p)))
+        pm, pixels = build_parametric_map(out.heat[k], out.scan, method=out.method, label=label,
+                                          identity=identity, value_range=out.value_range(k),
+                                          stream=True)  # fmt: skip
+        name = f"{out.base(k)}_pm.dcm"
+        paths.append(out.folder.write_file(name, lambda p, d=pm, x=pixels: write_dataset(d, x, p)))
     return paths

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import DicomIdentity, derived_uid, uid_seed_for
-from medcam.writers.figures import blend_rgb, window
-from medcam.writers.registry import CaseOutput, register_format
+from medcam.writers.figures import blend_rgb, window, window_limits
+from medcam.writers.registry import CaseOutput, register_format, slab_zyx
 
-__all__ = ["build_secondary_captures", "write_secondary_captures"]
+__all__ = ["build_secondary_captures", "iter_secondary_captures", "write_secondary_captures"]
 
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+#: Bytes of image (and of heatmap) copied out per block of slices.
+_BLOCK_BYTES = 16 << 20
 
 
 def _direction_letters(v) -> str:
@@ -86,8 +90,32 @@ def build_secondary_captures(
     MOSAIC gives one capture per unpacked slice, each referencing the one mosaic image.
 
     With ``uid_seed``, the series and instance UIDs derive from it (the same seed gives the same
-    UIDs, so a retried store keeps one copy); by default they are new.
+    UIDs, so a retried store keeps one copy); by default they are new. See
+    :func:`iter_secondary_captures` to make them one at a time.
     """
+    return list(
+        iter_secondary_captures(image, heatmap, scan, label=label, method=method,
+                                series_number=series_number, alpha=alpha, uid_seed=uid_seed)
+    )  # fmt: skip
+
+
+def iter_secondary_captures(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    scan,
+    *,
+    label: str,
+    method: str,
+    series_number: int,
+    alpha: float = 0.4,
+    uid_seed: str | None = None,
+    vmax: float | None = None,
+    limits: tuple[float, float] | None = None,
+) -> Iterator:
+    """The captures of :func:`build_secondary_captures`, made one slice at a time: each slice
+    is windowed and blended when its capture is made, so no RGB or windowed copy of the
+    volume exists. ``vmax`` (the map's maximum) and ``limits`` (the display window of a source
+    without its own, see :func:`~medcam.writers.figures.window_limits`) when already known."""
     import highdicom as hd
     from pydicom.uid import generate_uid
 
@@ -109,14 +137,17 @@ def build_secondary_captures(
     if center is not None and width is not None:
         c = float(np.atleast_1d(center)[0])
         w = float(np.atleast_1d(width)[0])
-        gray = window(img, c - w / 2, c + w / 2)
+        lo, hi = c - w / 2, c + w / 2
     else:
-        gray = window(img)
-    vmax = float(heat.max())
+        lo, hi = limits if limits is not None else window_limits(img)
+    vmax = float(heat.max()) if vmax is None else vmax
     series_uid = derived_uid(uid_seed, "series") if uid_seed is not None else generate_uid()
-    out = []
+    block = max(1, _BLOCK_BYTES // max(1, img.shape[0] * img.shape[1] * 4))
     for k, (ds, frame) in enumerate(sources):
-        rgb = blend_rgb(gray[:, :, k].T, heat[:, :, k].T, vmax, alpha)
+        if k % block == 0:
+            img_block = slab_zyx(img, k, k + block)
+            heat_block = slab_zyx(heat, k, k + block)
+        rgb = blend_rgb(window(img_block[k % block], lo, hi), heat_block[k % block], vmax, alpha)
         sop_uid = derived_uid(uid_seed, "instance", str(k)) if uid_seed is not None else None
         identity = DicomIdentity(series_uid, sop_uid or generate_uid(), series_number, k + 1)
         kwargs = identity.highdicom_kwargs()
@@ -147,8 +178,7 @@ def build_secondary_captures(
         laterality = series_laterality(ds)
         if laterality is not None:
             sc.Laterality = laterality
-        out.append(sc)
-    return out
+        yield sc
 
 
 @register_format("dicom-sc", needs="dicom", order=40,
@@ -157,7 +187,10 @@ def write_secondary_captures(out: CaseOutput) -> list[Path]:
     """One folder ``<base>_sc/`` per map holding one RGB Secondary Capture per source image."""
     paths = []
     for k, label in enumerate(out.labels):
-        images = build_secondary_captures(
+        folder = out.folder.target(f"{out.base(k)}_sc")
+        folder.mkdir()
+        limits = None if _has_window(out.scan) else out.window_limits()
+        images = iter_secondary_captures(
             out.image,
             out.heat[k],
             out.scan,
@@ -166,10 +199,20 @@ def write_secondary_captures(out: CaseOutput) -> list[Path]:
             series_number=out.series_number(k, 3),
             alpha=float(out.options.get("alpha", 0.4)),
             uid_seed=uid_seed_for(out.options, "dicom-sc", k),
+            vmax=out.value_range(k)[1],
+            limits=limits,
         )
-        folder = out.folder.target(f"{out.base(k)}_sc")
-        folder.mkdir()
-        for i, sc in enumerate(images):
+        for i, sc in enumerate(images):  # each written as soon as it is made
             sc.save_as(folder / f"sc_{i + 1:04d}.dcm")
         paths.append(folder)
     return paths
+
+
+def _has_window(scan) -> bool:
+    ref, frame = scan.slice_sources[0] if scan.datasets else (None, None)
+    if ref is None:
+        return False
+    return all(
+        _plane(ref, frame, "FrameVOILUTSequence", k) is not None
+        for k in ("WindowCenter", "WindowWidth")
+    )

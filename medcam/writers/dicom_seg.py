@@ -10,15 +10,23 @@ from medcam import __version__
 from medcam.errors import MedcamError
 from medcam.writers.dicom_common import (
     DicomIdentity,
-    frames_from_volume,
+    FramePixels,
+    attach_pixels,
+    file_frame_slices,
+    header_only,
     method_code,
     require_dicom_series,
     sort_frames_along_normal,
     uid_seed_for,
+    volume_frames,
+    write_dataset,
 )
 from medcam.writers.registry import CaseOutput, register_format
 
 __all__ = ["build_segmentation", "write_segmentations"]
+
+#: MaximumFractionalValue of a FRACTIONAL SEG (highdicom's default, 8 bits).
+MAX_FRACTIONAL = 255
 
 
 def build_segmentation(
@@ -30,6 +38,8 @@ def build_segmentation(
     method: str,
     identity: DicomIdentity,
     fractional: bool = False,
+    peak: float | None = None,
+    stream: bool = False,
 ):
     """A DICOM SEG of ``heatmap (X, Y, Z) >= threshold`` on ``scan``'s series.
 
@@ -40,6 +50,13 @@ def build_segmentation(
     fractional:
         Write a FRACTIONAL (probability) segment of ``heatmap / max`` instead of a BINARY mask
         of the thresholded map (Weasis and Slicer show it; OHIF rejects fractional SEGs).
+    peak:
+        The map's maximum, when the caller knows it.
+    stream:
+        Return ``(dataset without pixel data, FramePixels)`` for
+        :func:`~medcam.writers.dicom_common.write_dataset`, which packs and writes the frames
+        slab by slab from ``heatmap`` (the same file, no mask volume in memory); by default
+        the complete dataset.
 
     Every frame is written (no empty-frame omission), ordered ascending along the slice normal,
     so dcmqi's ``segimage2itkimage`` (3D Slicer) places the mask on the source grid; every frame
@@ -49,18 +66,15 @@ def build_segmentation(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from medcam.writers.dicom_common import copy_source_geometry, frames_for_source, source_images
+    from medcam.writers.dicom_common import copy_source_geometry, source_images
 
     require_dicom_series(scan, "DICOM SEG")
     heat = np.asarray(heatmap, dtype=np.float32)
     if fractional:
-        peak = float(heat.max())
+        peak = float(heat.max()) if peak is None else peak
         if peak <= 0:
             raise MedcamError("The heatmap is all zero; a fractional SEG would be empty.")
-        pixels = np.clip(heat / peak, 0.0, 1.0)
-    else:
-        pixels = (heat >= threshold).astype(np.uint8)
-    frames = frames_for_source(frames_from_volume(pixels), scan)
+    columns, rows, n = heat.shape
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medcam {method}", family=codes.cid7162.ArtificialIntelligence, version=__version__
     )
@@ -74,9 +88,10 @@ def build_segmentation(
         display_color=hd.color.CIELabColor(53.2, 80.1, 67.2),  # red
     )
     kind = "FRACTIONAL" if fractional else "BINARY"
-    seg = hd.seg.Segmentation(
+    # the header only: the pixel data is written from the map (FramePixels below)
+    seg = header_only(hd.seg.Segmentation)(
         source_images=source_images(scan),
-        pixel_array=frames,
+        pixel_array=_zero_frames(n, rows, columns),
         segmentation_type=kind,
         segment_descriptions=[segment],
         omit_empty_frames=False,
@@ -90,7 +105,63 @@ def build_segmentation(
     seg.SeriesDescription = f"medcam {method} {label} {kind.lower()}"[:64]
     copy_source_geometry(seg, scan)
     sort_frames_along_normal(seg)
+    slices = file_frame_slices(seg, scan)
+    if fractional:
+        pixels = FramePixels(
+            "PixelData",
+            _even(n * rows * columns),
+            lambda: _fractional_chunks(heat, slices, peak, n * rows * columns),
+        )
+    else:
+        pixels = FramePixels("PixelData", _even(-(-n * rows * columns // 8)),
+                             lambda: _binary_chunks(heat, slices, threshold))  # fmt: skip
+    if stream:
+        return seg, pixels
+    attach_pixels(seg, pixels)
     return seg
+
+
+def _zero_frames(n: int, rows: int, columns: int) -> np.ndarray:
+    """``(n, rows, columns)`` uint8 zeros in the memory of one frame (highdicom scales
+    FRACTIONAL frames in place, which leaves them zero: so the array is writeable)."""
+    zero = np.zeros((rows, columns), np.uint8)
+    return np.lib.stride_tricks.as_strided(
+        zero, shape=(n, rows, columns), strides=(0, columns, 1), writeable=True
+    )
+
+
+def _even(length: int) -> int:
+    return length + length % 2
+
+
+def _fractional_chunks(heat: np.ndarray, slices: np.ndarray, peak: float, size: int):
+    """FRACTIONAL frames as highdicom encodes them: ``round(clip(map / peak, 0, 1) * 255)``."""
+    for block in volume_frames(heat, slices):
+        fraction = np.clip(block / np.float32(peak), 0.0, 1.0)
+        yield np.around(fraction * float(MAX_FRACTIONAL)).astype(np.uint8)
+    if size % 2:
+        yield b"\x00"
+
+
+def _binary_chunks(heat: np.ndarray, slices: np.ndarray, threshold: float):
+    """BINARY frames: one bit per pixel, little bit order, packed across frame boundaries (as
+    DICOM and highdicom do: a frame need not start on a byte)."""
+    carry = np.zeros(0, dtype=bool)
+    total = 0
+    for block in volume_frames(heat, slices):
+        bits = (block >= threshold).reshape(-1)
+        if carry.size:
+            bits = np.concatenate([carry, bits])
+        whole = bits.size - bits.size % 8
+        packed = np.packbits(bits[:whole], bitorder="little")
+        total += packed.size
+        carry = bits[whole:]
+        yield packed
+    if carry.size:
+        total += 1
+        yield np.packbits(carry, bitorder="little")
+    if total % 2:
+        yield b"\x00"
 
 
 @register_format("dicom-seg", needs="dicom-series", order=30,
@@ -101,10 +172,9 @@ def write_segmentations(out: CaseOutput) -> list[Path]:
     paths = []
     fraction = float(out.options.get("seg_threshold", 0.5))
     for k, label in enumerate(out.labels):
-        h = out.heat[k]
-        peak = float(h.max())
-        seg = build_segmentation(
-            h,
+        peak = out.value_range(k)[1]
+        seg, pixels = build_segmentation(
+            out.heat[k],
             out.scan,
             threshold=fraction * peak if peak > 0 else 1.0,
             label=label,
@@ -113,6 +183,9 @@ def write_segmentations(out: CaseOutput) -> list[Path]:
             identity=DicomIdentity.new(
                 out.series_number(k, 2), seed=uid_seed_for(out.options, "dicom-seg", k)
             ),
+            peak=peak,
+            stream=True,
         )
-        paths.append(out.folder.write_file(f"{out.base(k)}_seg.dcm", lambda p, d=seg: d.save_as(p)))
+        name = f"{out.base(k)}_seg.dcm"
+        paths.append(out.folder.write_file(name, lambda p, d=seg, x=pixels: write_dataset(d, x, p)))
     return paths

@@ -14,6 +14,7 @@ import torch
 
 from medcam.errors import MedcamError, OutputError
 from medcam.io.output import OutputDir, safe_name
+from medcam.progress import stage
 from medcam.writers.registry import CaseOutput, available_formats, check_formats
 from medcam.writers.sidecar import model_identity
 
@@ -61,7 +62,8 @@ def write_case(
     out.written = {f: [] for f in formats}
     for fmt in chosen:
         try:
-            paths = fmt.write(out)
+            with stage(fmt.name):
+                paths = fmt.write(out)
         except OSError as err:  # a full disk, a quota, a vanished folder
             if isinstance(err, OutputError) and err.errno is None:
                 raise  # a refusal (an input file as output, a bad name): already explained

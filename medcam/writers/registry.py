@@ -35,6 +35,7 @@ __all__ = [
     "check_formats",
     "get_format",
     "register_format",
+    "slab_zyx",
 ]
 
 # What a format needs from the source scan.
@@ -195,16 +196,37 @@ class CaseOutput:
     model: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     written: dict[str, list[Path]] = field(default_factory=dict)
+    _ranges: dict[Any, tuple[float, float]] = field(default_factory=dict, init=False, repr=False)
 
     @functools.cached_property
     def heat(self) -> np.ndarray:
-        """``(K, *source_spatial)`` float32 maps on the host (copied once, on first use)."""
+        """``(K, *source_spatial)`` float32 maps on the host: the explanation's own memory for a
+        CPU heatmap, one copy (made on first use) for a GPU one; never touched when only the
+        sidecar is written."""
         return self.explanation.heatmap.detach().cpu().numpy().astype(np.float32, copy=False)
 
     @functools.cached_property
     def image(self) -> np.ndarray:
-        """The scan on the host, channels averaged (RGB -> grey): ``(*source_spatial)``."""
-        return self.explanation.scan.image.detach().cpu().numpy().mean(axis=0)
+        """The scan on the host, channels averaged (RGB -> grey): ``(*source_spatial)``; a
+        single-channel scan is a view of the scan itself (no copy)."""
+        image = self.explanation.scan.image.detach().cpu().numpy()
+        return image[0] if image.shape[0] == 1 else image.mean(axis=0)
+
+    def window_limits(self) -> tuple[float, float]:
+        """Display window of the scan (1st-99th percentile, from a subsample), computed once
+        for the pictures (PNG) and the Secondary Captures of a source without its own window."""
+        if "_window" not in self._ranges:
+            from medcam.writers.figures import window_limits
+
+            self._ranges["_window"] = window_limits(self.image)
+        return self._ranges["_window"]
+
+    def value_range(self, k: int) -> tuple[float, float]:
+        """``(min, max)`` of map ``k`` (computed once, shared by the writers)."""
+        if k not in self._ranges:
+            h = self.heat[k]
+            self._ranges[k] = (float(h.min()), float(h.max())) if h.size else (0.0, 0.0)
+        return self._ranges[k]
 
     @property
     def scan(self) -> Any:
@@ -232,3 +254,17 @@ class CaseOutput:
     def series_number(self, k: int, offset: int) -> int:
         """DICOM SeriesNumber of the ``offset``-th DICOM format for map ``k``."""
         return int(self.options.get("series_number_base", 9000)) + 10 * k + offset
+
+
+def slab_zyx(volume: np.ndarray, z0: int, z1: int) -> np.ndarray:
+    """Slices ``z0:z1`` of an ``(X, Y, Z)`` volume as C-contiguous ``(z1 - z0, Y, X)`` frames
+    (DICOM frames, NIfTI's voxel order), copied in column blocks: a plain transposing copy of
+    a C-ordered volume reads one page per voxel and takes about twice as long."""
+    block = volume[:, :, z0:z1]
+    if block.T.flags.c_contiguous:
+        return block.T
+    out = np.empty(block.shape[::-1], dtype=volume.dtype)
+    step = 32
+    for x0 in range(0, block.shape[0], step):
+        out[:, :, x0 : x0 + step] = block[x0 : x0 + step].transpose(2, 1, 0)
+    return out

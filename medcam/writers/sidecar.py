@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,32 @@ __all__ = ["model_identity", "sidecar_record", "write_json"]
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Class, parameter count and SHA-256 of the state dict (weights identify the model)."""
+    """Class, parameter count and SHA-256 of the state dict (weights identify the model).
+
+    Hashing every weight (and, for a GPU model, copying it to the host) costs as much as a
+    large model's forward pass, so the result is remembered for the model and reused while
+    no tensor of its state dict has been replaced or changed in place (torch counts in-place
+    changes of every tensor).
+    """
+    state = model.state_dict()
+    key = tuple((name, t.data_ptr(), t._version, tuple(t.shape)) for name, t in state.items())
+    cached = _IDENTITIES.get(id(model))
+    if cached is not None and cached[0] == key and cached[1]() is model:
+        return dict(cached[2])
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return {
+    identity = {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "state_dict_sha256": h.hexdigest(),
     }
+    _IDENTITIES[id(model)] = (key, weakref.ref(model), identity)
+    return dict(identity)
+
+
+_IDENTITIES: dict[int, tuple] = {}
 
 
 def versions() -> dict[str, str]:

@@ -140,3 +140,49 @@ def test_missing_and_unreadable_paths(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(medcam.InputError, match="not a DICOM image"):
         medcam.load_scan(tmp_path / "junk.dcm")
+
+
+def _pydicom_volume(scan) -> np.ndarray:
+    """The reference: each file decoded by pydicom and rescaled in float64, stacked as
+    ``(X, Y, Z)`` in the scan's slice order."""
+    from pydicom.pixels import apply_rescale
+
+    slices = []
+    for ds in scan.datasets:
+        full = pydicom.dcmread(ds.filename)
+        slices.append(apply_rescale(full.pixel_array, full).T)
+    return np.stack(slices, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("rescale", [(1.0, -1024.0), (0.37, -812.5)], ids=["ct", "fractional"])
+def test_series_volume_is_float32_and_equals_pydicom(tmp_path, rescale, monkeypatch):
+    import medcam.io.dicom
+
+    monkeypatch.setattr(medcam.io.dicom, "BLOCK_SLICES", 4)  # blocks of slices, one partial
+    g = _oblique_geometry()
+    vol = blob_phantom(g, g.affine_lps[:3] @ [12, 10, 7, 1], 5.0, body_radius_mm=50)
+    write_dicom_series(vol, g, tmp_path, shuffle=True, rescale=rescale)
+    scan = medcam.load_scan(tmp_path)
+    image = scan.image[0].numpy()
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, _pydicom_volume(scan))  # one float32 rounding, exact
+    assert image.flags.c_contiguous  # MONAI's layout
+    # the datasets keep no pixel data (the volume is the only copy)
+    assert all("PixelData" not in ds for ds in scan.datasets)
+
+
+def test_enhanced_and_nifti_volumes_load_in_monai_layout(tmp_path):
+    from medcam.data.synthetic import write_enhanced_ct
+
+    g = _oblique_geometry()
+    vol = blob_phantom(g, g.affine_lps[:3] @ [12, 10, 7, 1], 5.0, body_radius_mm=50)
+    order = list(np.random.default_rng(3).permutation(g.shape[2]))
+    path = write_enhanced_ct(vol, g, tmp_path / "mf.dcm", frame_order=order)
+    scan = medcam.load_scan(path)
+    np.testing.assert_allclose(scan.image[0].numpy(), vol, atol=0.51)
+    assert scan.image[0].numpy().flags.c_contiguous
+    nii = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), nii)
+    image = medcam.load_scan(nii).image[0].numpy()
+    np.testing.assert_array_equal(image, vol)
+    assert image.flags.c_contiguous  # nibabel's Fortran-ordered array, reordered once

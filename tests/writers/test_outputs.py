@@ -229,3 +229,27 @@ def test_spacing_only_preprocessing_inverts_exactly_on_the_grid(series):
     assert ex.heatmap.shape == (1, 20, 18, 8)
     assert ex.normalization["method"] == "minmax" and float(ex.heatmap.max()) == 1.0
     assert torch.isfinite(ex.heatmap).all()
+
+
+def test_model_identity_is_remembered_until_the_weights_change():
+    import hashlib
+
+    from medcam.writers.sidecar import model_identity
+
+    def direct(model) -> str:  # the hash computed from scratch
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    first = model_identity(model)["state_dict_sha256"]
+    assert first == direct(model) == model_identity(model)["state_dict_sha256"]
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # in place
+    assert model_identity(model)["state_dict_sha256"] == direct(model) != first
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    assert model_identity(model)["state_dict_sha256"] == direct(model)
+    model[0].bias = torch.nn.Parameter(torch.ones(2))  # replaced
+    assert model_identity(model)["state_dict_sha256"] == direct(model)

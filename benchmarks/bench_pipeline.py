@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 BUNDLE = ROOT / "examples" / "bundles" / "classify3d"
 FORMATS = "nifti,dicom-pm,dicom-seg,dicom-sc,png,json"
-LAYER = "class_layers.relu"  # what medcam's "auto" picks for this bundle (reported below)
+LAYER = "class_layers.relu"  # the same layer and method (Grad-CAM) for both tools
 
 
 # ----------------------------------------------------------------------------- data
@@ -420,8 +420,8 @@ def run_tool(tool: str, series: Path, out: Path, device: str, extra: list[str]) 
     shutil.rmtree(out, ignore_errors=True)
     if tool == "medcam":
         cmd = [sys.executable, __file__, "--child-cli", "--", "explain", str(series),
-               "--bundle", str(BUNDLE), "--format", FORMATS, "--out", str(out), "--device",
-               device, *extra]  # fmt: skip
+               "--bundle", str(BUNDLE), "--layer", LAYER, "--method", "gradcam", "--format",
+               FORMATS, "--out", str(out), "--device", device, *extra]  # fmt: skip
     else:
         cmd = [sys.executable, __file__, "--child-minimal", str(series), str(out), device]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)

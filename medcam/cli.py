@@ -101,10 +101,13 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
 @click.option("--in-channels", type=int, default=None, help="Input channels (default 1).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without spatial output.")
 def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all):
-    """List candidate target layers with their feature-grid shapes."""
+    """List candidate target layers with their feature-grid shapes, and say which layers the
+    default (--layer auto) explains and why."""
     import torch
 
-    from medcam.engine.layers import list_layers
+    from medcam.engine.auto import auto_choice
+    from medcam.engine.layers import check_hookable, model_device, trace_layers
+    from medcam.errors import LayerError
     from medcam.runner import load_model
 
     def work():
@@ -117,12 +120,27 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         else:
             raise MedcamError("Give --input-size (e.g. 96,96,96); the model does not say it.")
         x = torch.zeros(1, *shape, device=device)
-        infos = list_layers(spec.network, x)
+        check_hookable(spec.network)
+        infos, out = trace_layers(spec.network, x.to(model_device(spec.network, x)))
+        out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        try:
+            choice = auto_choice(infos, shape[1:], out_shape)
+        except LayerError as err:
+            choice, why = None, str(err)
+        chosen = choice.layers if choice else []
         click.echo(f"{'layer':60s} {'type':24s} output shape")
         for info in infos:
             if info.is_candidate or show_all:
                 mark = "" if info.is_candidate else "  (not a target)"
+                mark += "  <- default" if info.name in chosen else ""
                 click.echo(f"{info.name:60s} {info.type:24s} {info.output_shape}{mark}")
+        if choice is None:
+            click.echo(f"\ndefault (--layer auto): none. {why}")
+            return
+        fused = f", {choice.fusion} fusion" if choice.fusion else ""
+        click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
+        click.echo(f"  why: {choice.rule}")
+        click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 
     _run(work)
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcam.engine.auto import AutoChoice, auto_choice
 from medcam.engine.layers import (
     ActivationCapture,
     auto_layer,
@@ -156,9 +157,12 @@ class Explainer:
         Any eager ``torch.nn.Module`` (MONAI or plain torch) taking ``(B, C, H, W)`` or
         ``(B, C, D, H, W)``. It is never modified.
     layers:
-        ``"auto"`` (the last layer whose output is still a feature map with extent > 1, found
-        with one shape-only forward pass), a module name such as ``"features.denseblock4"``, a
-        module object, or a list of these (several layers at once).
+        ``"auto"`` (default: chosen from one shape-only forward pass by
+        :func:`medcam.engine.auto.auto_choice`: the deepest feature layer, fused with the
+        deepest layer whose grid is at least 1/4 of the input per axis when it is coarser;
+        recorded in ``metadata()["layers_chosen_by"]``), ``"last"`` (the last layer whose
+        output is still a feature map with extent > 1, the earlier default), a module name
+        such as ``"features.denseblock4"``, a module object, or a list of these.
     method:
         ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"layercam"`` or
         ``"cam"`` (see :data:`medcam.METHODS`).
@@ -167,7 +171,8 @@ class Explainer:
         tuple, a key for a dict, or a callable.
     fusion:
         With several layers: ``None`` (separate maps), ``"mean"`` or ``"product"`` of the
-        per-layer maps, each scaled by its peak (see :func:`medcam.engine.fuse_maps`).
+        per-layer maps, each scaled by its peak (see :func:`medcam.engine.fuse_maps`). With
+        ``layers="auto"``, ``None`` means the fusion the rule chose.
     fc_layer:
         For ``method="cam"``: the final ``nn.Linear`` (default: the model's last one).
     batched:
@@ -209,11 +214,14 @@ class Explainer:
         self.device = torch.device(device) if device is not None else None
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
-        self._auto = list(layers) == ["auto"]
-        if not self._auto and "auto" in list(layers):
-            raise LayerError("'auto' cannot be combined with named layers.")
+        submodules = dict(model.named_modules())
+        modes = [v for v in layers if isinstance(v, str) and v in ("auto", "last")
+                 and v not in submodules]  # fmt: skip
+        if modes and len(layers) > 1:
+            raise LayerError(f"'{modes[0]}' cannot be combined with named layers.")
+        self._auto = modes[0] if modes else None
         self._layers = [] if self._auto else resolve_layers(model, list(layers))
-        self._auto_cache: dict[tuple[int, ...], str] = {}
+        self._auto_cache: dict[tuple[int, ...], AutoChoice] = {}
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         model_dev = model_device(self.model, x)
@@ -225,15 +233,31 @@ class Explainer:
         return x.to(model_dev)
 
     def layer_names(self, x: torch.Tensor) -> list[str]:
-        """The target layer names for input ``x`` (resolving ``"auto"``)."""
+        """The target layer names for input ``x`` (resolving ``"auto"`` / ``"last"``)."""
+        return self.layer_plan(x)[0]
+
+    def layer_plan(self, x: torch.Tensor) -> tuple[list[str], Fusion | None, str]:
+        """``(layer names, fusion, layers_chosen_by)`` for input ``x``.
+
+        ``layers_chosen_by`` is ``"auto: <rule>"``, ``"last: <layer>"`` or ``"user"``.
+        """
         if not self._auto:
-            return list(self._layers)
+            return list(self._layers), self.fusion, "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
             infos, out = trace_layers(self.model, x, eval=self.eval)
-            logits = select_output(out, self.output)
-            self._auto_cache[key] = auto_layer(infos, tuple(logits.shape))
-        return [self._auto_cache[key]]
+            logits_shape = tuple(select_output(out, self.output).shape)
+            if self._auto == "auto":
+                self._auto_cache[key] = auto_choice(infos, tuple(x.shape[2:]), logits_shape)
+            else:
+                name = auto_layer(infos, logits_shape)
+                grid = next(i.feature_shape for i in infos if i.name == name)
+                rule = f"the deepest feature layer {name} ({'x'.join(map(str, grid))})"
+                self._auto_cache[key] = AutoChoice([name], None, rule, {name: grid})
+        plan = self._auto_cache[key]
+        if self._auto == "last":
+            return list(plan.layers), self.fusion, f"last: {plan.rule}"
+        return list(plan.layers), self.fusion or plan.fusion, plan.chosen_by
 
     def __call__(
         self,
@@ -277,7 +301,7 @@ class Explainer:
             stack.enter_context(torch.inference_mode(False))
             if x.is_inference():
                 x = x.clone()
-            names = self.layer_names(x)
+            names, fusion, chosen_by = self.layer_plan(x)
             # No graph before the first target layer; its hook turns gradients on (see
             # ActivationCapture); no_grad's exit restores the caller's mode.
             stack.enter_context(torch.no_grad())
@@ -304,8 +328,8 @@ class Explainer:
                 raw[name] = method.fn(a32, g32, ctx).float()
             resized = {n: upsample(m, spatial) if upsample_to_input else m for n, m in raw.items()}
             fused = None
-            if self.fusion is not None and len(names) > 1:
-                fused = fuse_maps(list(resized.values()), self.fusion)
+            if fusion is not None and len(names) > 1:
+                fused = fuse_maps(list(resized.values()), fusion)
             norm_record: dict[str, Any] = {"method": "none"}
             heatmaps = {}
             for n, m in resized.items():
@@ -325,8 +349,9 @@ class Explainer:
             input_shape=tuple(x.shape),
             target=target_fn.describe(logits.ndim),
             normalization=norm_record,
-            fusion=self.fusion if fused is not None else None,
+            fusion=fusion if fused is not None else None,
             batched_backward=batched,
+            layers_chosen_by=chosen_by,
         )
 
 

@@ -1,0 +1,224 @@
+"""The default target layer(s): what ``layers="auto"`` explains, and why.
+
+The rule works on the output shapes of one cheap, no-grad shape pass (:func:`trace_layers`):
+
+1. **Candidates** are the modules whose output is a feature map ``(B, C, *spatial)`` with more
+   than one voxel, that run once per forward pass, and whose output is not shaped like the
+   model output (a segmentation head and what follows it are skipped).
+2. **Deep layer**: the last candidate in execution order (what ``layers="last"`` explains).
+   Its feature grid is often tiny: 3x3x3 for a 3D DenseNet121 at 96^3, 1/32 of the input.
+3. **Fine layer**: the last candidate whose grid is at least ``min_fraction`` of the input
+   along every spatial axis (``min_fraction = 1/4``: a 16^3 grid or finer for a 64^3 input).
+4. If the deep layer is already that fine (segmentation decoders, shallow networks), it is
+   explained alone. Otherwise the fine and the deep layer are **fused** (``"product"``:
+   geometric mean of the peak-scaled maps): the deep layer knows *what* the class is, the
+   fine layer *where*; the product keeps what both agree on.
+
+The choice of ``min_fraction`` and fusion comes from ``benchmarks/bench_quality.py`` (several
+architectures and tasks, with a held-out set); see ``docs/engine.md``, "Choosing a layer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from medcam.engine.layers import LayerInfo
+from medcam.engine.postprocess import Fusion
+from medcam.errors import LayerError
+
+__all__ = ["DEFAULT_FUSION", "DEFAULT_MIN_FRACTION", "AutoChoice", "auto_choice", "candidates"]
+
+DEFAULT_MIN_FRACTION = Fraction(1, 4)
+DEFAULT_FUSION: Fusion = "product"
+DEFAULT_CHAIN = False
+
+_NO_CANDIDATE = (
+    "layers='auto' found no layer with a spatial feature-map output (B, C, *spatial) with "
+    "extent > 1 that runs once per forward pass. medcam explains convolutional networks; check "
+    "that the model has conv layers and that the input has the spatial size it expects, or name "
+    "a layer explicitly."
+)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``layers="auto"`` chose for one input shape.
+
+    Attributes
+    ----------
+    layers:
+        Layer names, in execution order (one or two).
+    fusion:
+        ``"mean"`` / ``"product"`` when several layers are fused, else ``None``.
+    rule:
+        Why, in words (recorded as ``layers_chosen_by = "auto: <rule>"``).
+    grids:
+        Feature-grid shape of each chosen layer.
+    """
+
+    layers: list[str]
+    fusion: Fusion | None
+    rule: str
+    grids: dict[str, tuple[int, ...]]
+
+    @property
+    def chosen_by(self) -> str:
+        return f"auto: {self.rule}"
+
+
+def _grid(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def candidates(
+    infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None
+) -> list[LayerInfo]:
+    """Possible target layers in execution order: feature maps with extent > 1, run once, not
+    shaped like the model output (``model_output_shape``, from the same pass)."""
+    return [i for i in infos if i.is_candidate and i.output_shape != model_output_shape]
+
+
+def _finer(a: Sequence[int], b: Sequence[int]) -> bool:
+    """True when grid ``a`` is finer than ``b``: at least as large on every axis, larger on one."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
+        x > y for x, y in zip(a, b, strict=True)
+    )
+
+
+def _stage_layer(cands: Sequence[LayerInfo], k: int) -> LayerInfo | None:
+    """The deepest candidate ``k`` resolution stages finer than the deepest candidate."""
+    grid, stage = tuple(cands[-1].feature_shape), 0
+    for info in reversed(cands):
+        if _finer(info.feature_shape, grid):
+            grid, stage = tuple(info.feature_shape), stage + 1
+            if stage == k:
+                return info
+    return None
+
+
+def auto_choice(
+    infos: Sequence[LayerInfo],
+    input_shape: Sequence[int],
+    model_output_shape: tuple[int, ...] | None,
+    *,
+    min_fraction: float | Fraction = DEFAULT_MIN_FRACTION,
+    stages_back: int | None = None,
+    chain: bool = DEFAULT_CHAIN,
+    fusion: Fusion | None = DEFAULT_FUSION,
+) -> AutoChoice:
+    """Choose the default target layer(s) from one shape pass.
+
+    Parameters
+    ----------
+    infos:
+        The pass's :class:`LayerInfo` list (execution order), from :func:`trace_layers` /
+        :func:`medcam.list_layers`.
+    input_shape:
+        The model input's spatial shape ``(*S)`` (or the full ``(B, C, *S)``).
+    model_output_shape:
+        Shape of the model output (logits) in the same pass.
+    min_fraction:
+        The fine layer is the deepest whose grid is at least this fraction of the input along
+        every axis.
+    stages_back:
+        Instead of ``min_fraction``: the fine layer is the deepest one this many resolution
+        stages finer than the deepest layer (1: the last layer before the final downsampling).
+    chain:
+        Also fuse the deepest layer of every resolution stage between the fine and the deep
+        layer (``False``: the fine and the deep layer only).
+    fusion:
+        How to combine the layers; ``None`` explains the fine layer alone.
+
+    Returns
+    -------
+    AutoChoice
+
+    Raises
+    ------
+    LayerError
+        If the model has no candidate layer.
+
+    Notes
+    -----
+    The defaults are what ``layers="auto"`` uses; the other settings exist so that
+    ``benchmarks/bench_quality.py`` can compare the alternatives with the same code.
+    """
+    cands = candidates(infos, model_output_shape)
+    if not cands:
+        raise LayerError(_NO_CANDIDATE)
+    rank = cands[-1].spatial_rank
+    spatial = tuple(int(s) for s in input_shape)[-rank:]
+    deep = cands[-1]
+    inp, deep_grid = _grid(spatial), _grid(deep.feature_shape)
+    if stages_back is not None:
+        fine = _stage_layer(cands, stages_back)
+        what = f"{stages_back} resolution stage{'s' if stages_back > 1 else ''} finer"
+        if fine is None:
+            rule = (f"no layer is {what} than the deepest feature layer {deep.name} "
+                    f"({deep_grid}); explaining it alone")  # fmt: skip
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+    else:
+        frac = Fraction(min_fraction).limit_denominator(1000)
+        fine = next(
+            (
+                i
+                for i in reversed(cands)
+                if all(g * frac.denominator >= s * frac.numerator
+                       for g, s in zip(i.feature_shape, spatial, strict=True))  # fmt: skip
+            ),
+            None,
+        )
+        what = f"whose grid is at least {frac} of the input {inp} per axis"
+        if fine is None:
+            rule = (
+                f"every feature grid is coarser than {frac} of the input {inp} on some axis; "
+                f"explaining the deepest feature layer {deep.name} ({deep_grid})"
+            )
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+        if fine is deep:
+            rule = (
+                f"the deepest feature layer {deep.name} ({deep_grid}) is already at least "
+                f"{frac} of the input {inp} per axis; explaining it alone"
+            )
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+    fine_text = f"{fine.name} ({_grid(fine.feature_shape)})"
+    if fusion is None:
+        rule = (f"the deepest layer {what}: {fine_text}; the deepest feature layer {deep.name} "
+                f"({deep_grid}) is coarser")  # fmt: skip
+        return AutoChoice([fine.name], None, rule, _grids([fine]))
+    if not chain:
+        rule = (
+            f"{fusion} fusion of the deepest feature layer {deep.name} ({deep_grid}) and the "
+            f"deepest layer {what}, {fine_text}"
+        )
+        return AutoChoice([fine.name, deep.name], fusion, rule, _grids([fine, deep]))
+    layers = _chain(cands, fine)
+    listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in layers)
+    rule = (
+        f"{fusion} fusion of the deepest layer of each resolution stage, from the deepest "
+        f"feature layer back to the deepest layer {what}: {listed}"
+    )
+    return AutoChoice([i.name for i in layers], fusion, rule, _grids(layers))
+
+
+def _chain(cands: Sequence[LayerInfo], fine: LayerInfo) -> list[LayerInfo]:
+    """The deepest layer of each resolution stage from the deepest candidate back to ``fine``,
+    in execution order."""
+    out, grid = [cands[-1]], tuple(cands[-1].feature_shape)
+    for info in reversed(cands):
+        if info is fine:
+            break
+        if _finer(info.feature_shape, grid) and not _finer(info.feature_shape, fine.feature_shape):
+            out.append(info)
+            grid = tuple(info.feature_shape)
+    if tuple(out[-1].feature_shape) == tuple(fine.feature_shape):
+        out[-1] = fine  # fine is the deepest layer of its grid
+    else:
+        out.append(fine)
+    return out[::-1]
+
+
+def _grids(layers: Sequence[LayerInfo]) -> dict[str, tuple[int, ...]]:
+    return {i.name: tuple(i.feature_shape) for i in layers}

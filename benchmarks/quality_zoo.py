@@ -287,7 +287,7 @@ TUNING = [
 ]  # fmt: skip
 HELD_OUT = [
     ("classifier", "shell"), ("classifier", "dark"), ("segresnet", "dark"),
-    ("resnet2d", "shell2d"), ("resnet2d", "dark2d"), ("densenet", "shell"),
+    ("resnet2d", "shell2d"), ("resnet2d", "dark2d"),
 ]  # fmt: skip
 
 

@@ -56,8 +56,9 @@ def main() -> None:
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True,
               help="Target layer name (repeat for several) or auto.")  # fmt: skip
-@click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
+@click.option("--method", default="auto", show_default=True,
+              help="auto (Grad-CAM for classifiers, LayerCAM for segmenters), gradcam, "
+              "gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
 @click.option("--target", default="pred", show_default=True,
               help="pred, all, a class index, 1,2 or seg:1 (segmentation class).")  # fmt: skip
 @click.option("--format", "formats", default="nifti,png,json", show_default=True,
@@ -158,7 +159,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
 )
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default="auto", show_default=True)
 @click.option("--target", default="pred", show_default=True)
 @click.option(
     "--registration",
@@ -220,7 +221,7 @@ def cohort() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default="auto", show_default=True)
 @click.option("--target", default="pred", show_default=True, help="Default target per case.")
 @click.option("--format", "formats", default="nifti,png,json", show_default=True,
               help=FORMATS_HELP)  # fmt: skip

@@ -186,7 +186,7 @@ def explain_scan(
     preprocess: Any = None,
     target: Any = "pred",
     layers: Any = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     normalize: Normalization = "none",
     explainer: Explainer | None = None,
     roi_size: Sequence[int] | None = None,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcam.engine.auto import AutoChoice, auto_choice
+from medcam.engine.auto import AutoChoice, auto_choice, auto_method
 from medcam.engine.layers import (
     ActivationCapture,
     auto_layer,
@@ -164,8 +164,10 @@ class Explainer:
         output is still a feature map with extent > 1, the earlier default), a module name
         such as ``"features.denseblock4"``, a module object, or a list of these.
     method:
-        ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"layercam"`` or
-        ``"cam"`` (see :data:`medcam.METHODS`).
+        ``"auto"`` (default: Grad-CAM for classifiers, LayerCAM for segmentation outputs, see
+        :func:`medcam.engine.auto.auto_method`; recorded in
+        ``metadata()["method_chosen_by"]``), ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``,
+        ``"xgradcam"``, ``"layercam"`` or ``"cam"`` (see :data:`medcam.METHODS`).
     output:
         Which part of the model output holds the logits: ``None`` for a tensor, an index for a
         tuple, a key for a dict, or a callable.
@@ -190,7 +192,7 @@ class Explainer:
         self,
         model: nn.Module,
         layers: LayerSpec = "auto",
-        method: str = "gradcam",
+        method: str = "auto",
         *,
         output: OutputSelector = None,
         fusion: Fusion | None = None,
@@ -203,7 +205,7 @@ class Explainer:
             raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
         check_hookable(model)
         self.model = model
-        self.method = get_method(method)
+        self.method = None if method == "auto" else get_method(method)
         self.output = output
         if fusion not in (None, "mean", "product"):
             raise MedcamError(f"Unknown fusion {fusion!r}; use None, 'mean' or 'product'.")
@@ -296,7 +298,7 @@ class Explainer:
         x = self._to_device(check_input(x))
         spatial = tuple(x.shape[2:])
         target_fn = as_target(target)
-        method = self.method
+        method = self.method  # None: "auto", chosen from the model output below
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             if x.is_inference():
@@ -307,10 +309,16 @@ class Explainer:
             stack.enter_context(torch.no_grad())
             stack.enter_context(eval_mode(self.model, self.eval))
             capture = stack.enter_context(
-                ActivationCapture(self.model, names, grad_from_layer=method.needs_gradients)
+                ActivationCapture(
+                    self.model, names, grad_from_layer=method is None or method.needs_gradients
+                )
             )
             logits = select_output(self.model(x), self.output)
             scores, classes = target_fn(logits)
+            method_chosen_by = "user"
+            if method is None:
+                name, method_chosen_by = auto_method(tuple(logits.shape))
+                method = get_method(name)
             acts = capture.activations(len(spatial))
             grads: list[torch.Tensor | None] = [None] * len(acts)
             batched = False
@@ -352,6 +360,7 @@ class Explainer:
             fusion=fusion if fused is not None else None,
             batched_backward=batched,
             layers_chosen_by=chosen_by,
+            method_chosen_by=method_chosen_by,
         )
 
 
@@ -361,7 +370,7 @@ def explain(
     target: Any = "pred",
     *,
     layers: LayerSpec = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     output: OutputSelector = None,
     fusion: Fusion | None = None,
     normalize: Normalization = "none",

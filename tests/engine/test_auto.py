@@ -125,17 +125,38 @@ def test_a_module_named_last_is_a_layer_name():
 
 
 def test_every_entry_point_has_the_same_default():
+    from medcam import cli
     from medcam.bundle import CAMHandler
-    from medcam.cli import explain as cli_explain
+    from medcam.runner import cohort_processor, explain_inputs, load_timepoints
 
-    explainer_default = inspect.signature(medcam.Explainer).parameters["layers"].default
-    handler_default = inspect.signature(CAMHandler).parameters["layers"].default
     config = json.loads((ROOT / "configs" / "medcam.json").read_text())["medcam"]
-    cli_default = next(p.default for p in cli_explain.params if p.name == "layers")
-    assert explainer_default == handler_default == config["layers"] == "auto"
-    assert list(cli_default) == ["auto"]
-    assert inspect.signature(medcam.explain).parameters["layers"].default == "auto"
     assert config.get("fusion") is None  # the rule's own fusion
+    functions = [medcam.Explainer, medcam.explain, medcam.explain_scan, CAMHandler,
+                 explain_inputs, load_timepoints, cohort_processor]  # fmt: skip
+    commands = [cli.explain, cli.compare, cli.cohort_run]
+    for param in ("layers", "method"):
+        defaults = {inspect.signature(f).parameters[param].default for f in functions}
+        for command in commands:
+            value = next(p.default for p in command.params if p.name == param)
+            defaults.add(value[0] if isinstance(value, (list, tuple)) else value)
+        assert defaults == {config[param]} == {"auto"}, param
+
+
+def test_auto_method_follows_the_output():
+    seg = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    result = medcam.explain(seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)))
+    assert result.method == "layercam"
+    assert result.metadata()["method_chosen_by"].startswith("auto: segmentation output")
+    # the same maps as asking for LayerCAM by name
+    named = medcam.explain(seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)),
+                           method="layercam")  # fmt: skip
+    torch.testing.assert_close(result.heatmap, named.heatmap)
+    assert named.metadata()["method_chosen_by"] == "user"
+    clf = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
+    result = medcam.explain(clf, torch.randn(2, 1, 32, 32))
+    assert result.method == "gradcam"
+    assert result.metadata()["method_chosen_by"] == "auto: classifier output (B, classes): Grad-CAM"
 
 
 def test_layers_command_shows_the_default_and_why():

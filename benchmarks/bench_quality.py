@@ -41,18 +41,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import quality_zoo as zoo  # noqa: E402
+import quality_zoo as zoo
 
-import medcam  # noqa: E402
-from medcam import evaluate as ev  # noqa: E402
-from medcam.engine.auto import auto_choice  # noqa: E402
-from medcam.engine.layers import list_layers  # noqa: E402
-from medcam.engine.postprocess import fuse_maps, upsample  # noqa: E402
+import medcam
+from medcam import evaluate as ev
+from medcam.engine.auto import auto_choice, auto_method
+from medcam.engine.layers import list_layers
+from medcam.engine.postprocess import fuse_maps, upsample
 
 RESULTS = Path(__file__).parent / "results"
 SWEEP_METHODS = ("gradcam", "hirescam", "layercam")
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "cam")
-
 
 
 def _rules() -> dict[str, dict]:
@@ -69,6 +68,7 @@ def _rules() -> dict[str, dict]:
 
 
 RULES = _rules()
+DEFAULT_RULE = "f=1/4 chain product | auto"  # what layers="auto", method="auto" do
 BATCH = 8
 
 
@@ -119,7 +119,9 @@ def score_fns(model, arch, x):
     if not arch.segmentation:
         return [lambda b: model(b).softmax(1)[:, 1] for _ in range(len(x))]
     with torch.no_grad():
-        regions = torch.cat([model(x[i : i + BATCH]).argmax(1) == 1 for i in range(0, len(x), BATCH)])
+        regions = torch.cat(
+            [model(x[i : i + BATCH]).argmax(1) == 1 for i in range(0, len(x), BATCH)]
+        )
 
     def make(region):
         def fn(b):
@@ -155,10 +157,12 @@ def full_row(name, heat, x, masks, rank, fns, args, *, kw=None, model=None, arch
     row = {"config": name, **loc_metrics(heat, masks, rank)}
     n = min(args.n_curve, len(x))
     kw_curve = {"steps": args.curve_steps, "batch_size": args.curve_steps + 1}
-    row["deletion"] = float(np.mean([ev.deletion_auc(fns[i], x[i], heat[i], **kw_curve)
-                                     for i in range(n)]))  # fmt: skip
-    row["insertion"] = float(np.mean([ev.insertion_auc(fns[i], x[i], heat[i], **kw_curve)
-                                      for i in range(n)]))  # fmt: skip
+    row["deletion"] = float(
+        np.mean([ev.deletion_auc(fns[i], x[i], heat[i], **kw_curve) for i in range(n)])
+    )
+    row["insertion"] = float(
+        np.mean([ev.insertion_auc(fns[i], x[i], heat[i], **kw_curve) for i in range(n)])
+    )
     row["randomisation"] = (
         randomisation(model, arch, x[: args.n_rand], kw) if kw is not None else None
     )
@@ -166,8 +170,10 @@ def full_row(name, heat, x, masks, rank, fns, args, *, kw=None, model=None, arch
 
 
 def explain_all(model, arch, x, **kw) -> tuple[torch.Tensor, medcam.CAMResult]:
-    results = [medcam.explain(model, x[i : i + BATCH], target_for(arch), **kw)
-               for i in range(0, len(x), BATCH)]  # fmt: skip
+    results = [
+        medcam.explain(model, x[i : i + BATCH], target_for(arch), **kw)
+        for i in range(0, len(x), BATCH)
+    ]
     return torch.cat([r.heatmap[:, 0] for r in results]), results[0]
 
 
@@ -175,8 +181,9 @@ def explain_all(model, arch, x, **kw) -> tuple[torch.Tensor, medcam.CAMResult]:
 def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     t0 = time.perf_counter()
     arch, task = zoo.ARCHS[arch_name], zoo.TASKS[task_name]
-    model, record = zoo.load_or_train(arch_name, task_name, steps=args.steps,
-                                      retrain=args.retrain, log=log)  # fmt: skip
+    model, record = zoo.load_or_train(
+        arch_name, task_name, steps=args.steps, retrain=args.retrain, log=log
+    )
     rank = task.dims
     xs, ys, ms = task.make(4 * args.n_test, seed=500_000)
     x, masks = xs[ys == 1][: args.n_test], ms[ys == 1][: args.n_test]
@@ -185,6 +192,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     with torch.no_grad():
         out_shape = tuple(model(x[:1]).shape)
     default = auto_choice(infos, spatial, out_shape)
+    method = auto_method(out_shape)[0]  # what method="auto" uses for this model
     names = [i.name for i in infos if i.is_candidate and i.output_shape != out_shape]
     grids = {i.name: list(i.feature_shape) for i in infos if i.name in names}
 
@@ -201,43 +209,58 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
             ch = auto_choice(infos, spatial, out_shape, **how)
             heat = combine(raw[m], ch.layers, ch.fusion, spatial)
             rules[f"{key} | {m}"] = {"layers": ch.layers, **loc_metrics(heat, masks, rank)}
+    for key in RULES:
+        rules[f"{key} | auto"] = rules[f"{key} | {method}"]
     # 3. full rows
-    method = args.method
-    best_layer = max(names, key=lambda n: (layer_rows[method][n]["pg"],
-                                           layer_rows[method][n]["energy"]))  # fmt: skip
+    best_layer = max(
+        names, key=lambda n: (layer_rows[method][n]["pg"], layer_rows[method][n]["energy"])
+    )
     fns = score_fns(model, arch, x)
     rows = []
+    chosen_by = None
     for m in ALL_METHODS:
         kw = {"layers": "auto", "method": m}
         try:
-            heat, res = explain_all(model, arch, x, **kw)
+            heat, _ = explain_all(model, arch, x, **kw)
         except medcam.MedcamError as err:
             rows.append({"config": f"{m} @ default layers", "error": str(err).split(";")[0]})
             continue
-        name = f"{m} @ default layers" + (" = **default**" if m == method else "")
-        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model,
-                             arch=arch))  # fmt: skip
+        name = f"{m} @ default layers" + (" = **default** (auto)" if m == method else "")
+        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model, arch=arch))
         if m == method:
-            chosen_by = res.metadata().get("layers_chosen_by")
+            auto = explain_all(model, arch, x[:BATCH])[1]  # layers="auto", method="auto"
+            assert auto.layers == default.layers and auto.method == method
+            chosen_by = auto.metadata()["layers_chosen_by"]
     for name, kw in (
-        ("last layer (old default)", {"layers": "last", "method": method}),
-        (f"best single layer ({best_layer})", {"layers": best_layer, "method": method}),
+        ("last layer, gradcam (old default)", {"layers": "last", "method": "gradcam"}),
+        (f"best single layer ({best_layer}, {method})", {"layers": best_layer, "method": method}),
     ):
         heat, _ = explain_all(model, arch, x, **kw)
-        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model,
-                             arch=arch))  # fmt: skip
+        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model, arch=arch))
     gen = torch.Generator().manual_seed(0)
-    rows.append(full_row("baseline: random map", torch.rand(x[:, 0].shape, generator=gen), x,
-                         masks, rank, fns, args))  # fmt: skip
-    rows.append(full_row("baseline: input intensity", x[:, 0].clamp_min(0), x, masks, rank, fns,
-                         args))  # fmt: skip
+    rows.append(
+        full_row(
+            "baseline: random map",
+            torch.rand(x[:, 0].shape, generator=gen),
+            x,
+            masks,
+            rank,
+            fns,
+            args,
+        )
+    )
+    rows.append(
+        full_row("baseline: input intensity", x[:, 0].clamp_min(0), x, masks, rank, fns, args)
+    )
     n = min(args.n_curve, len(x))
     kw_curve = {"steps": args.curve_steps, "batch_size": args.curve_steps + 1, "order": "random"}
     rand_order = {
-        "deletion": float(np.mean([ev.deletion_auc(fns[i], x[i], x[i, 0], **kw_curve)
-                                   for i in range(n)])),  # fmt: skip
-        "insertion": float(np.mean([ev.insertion_auc(fns[i], x[i], x[i, 0], **kw_curve)
-                                    for i in range(n)])),  # fmt: skip
+        "deletion": float(
+            np.mean([ev.deletion_auc(fns[i], x[i], x[i, 0], **kw_curve) for i in range(n)])
+        ),
+        "insertion": float(
+            np.mean([ev.insertion_auc(fns[i], x[i], x[i, 0], **kw_curve) for i in range(n)])
+        ),
     }
     result = {
         "arch": arch_name,
@@ -251,6 +274,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
         "n_test": len(x),
         "default_layers": default.layers,
         "default_fusion": default.fusion,
+        "default_method": method,
         "layers_chosen_by": chosen_by,
         "grids": grids,
         "best_single_layer": best_layer,
@@ -263,9 +287,11 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     d = next(r for r in rows if "default**" in r["config"])
     b = next(r for r in rows if r["config"].startswith("best single"))
     o = next(r for r in rows if r["config"].startswith("last layer"))
-    log(f"{arch_name}/{task_name}: quality {record.get('quality', float('nan')):.2f}; PG default "
+    log(
+        f"{arch_name}/{task_name}: quality {record.get('quality', float('nan')):.2f}; PG default "
         f"{d['pg']:.2f}, best single {b['pg']:.2f} ({best_layer}), old default {o['pg']:.2f}; "
-        f"{result['seconds']:.0f} s")  # fmt: skip
+        f"{result['seconds']:.0f} s"
+    )
     return result
 
 
@@ -280,12 +306,21 @@ def rule_table(models: list[dict]) -> list[dict]:
         pgs, ok, energy = [], 0, []
         for m in models:
             r = m["rules"][key]
-            best = max(v["pg"] for v in m["layer_sweep"][method].values())
+            ref = m["default_method"] if method == "auto" else method
+            best = max(v["pg"] for v in m["layer_sweep"][ref].values())
             pgs.append(r["pg"])
             energy.append(r["energy"])
             ok += r["pg"] >= 0.9 * best - 1e-9 and r["pg"] >= 0.8
-        out.append({"rule": key, "mean_pg": float(np.mean(pgs)), "min_pg": float(np.min(pgs)),
-                    "meets_targets": ok, "n": len(models), "mean_energy": float(np.mean(energy))})
+        out.append(
+            {
+                "rule": key,
+                "mean_pg": float(np.mean(pgs)),
+                "min_pg": float(np.min(pgs)),
+                "meets_targets": ok,
+                "n": len(models),
+                "mean_energy": float(np.mean(energy)),
+            }
+        )
     out.sort(key=lambda r: (-r["meets_targets"], -r["mean_pg"], -r["min_pg"]))
     return out
 
@@ -331,7 +366,7 @@ def write_report(report: dict) -> None:
         "deletion / insertion AUC, rand ↓ = Spearman between maps of the trained and a "
         "re-initialised model.",
         "",
-        f"Default (`layers=\"auto\"`, `method=\"{report['method']}\"`): {report['default_rule']}.",
+        f'Default (`layers="auto"`, `method="auto"`): {report["default_rule"]}.',
         "",
         "## Summary: strict pointing game per model",
         "",
@@ -377,22 +412,32 @@ def write_report(report: dict) -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     table = report["rule_selection"]
-    shown = table[:15] + [r for r in table[15:] if r["rule"] == f"last | {report['method']}"]
+    shown = table[:15] + [r for r in table[15:] if r["rule"] in ("last | gradcam", DEFAULT_RULE)]
     for r in shown:
-        lines.append(f"| {r['rule']} | {r['meets_targets']} / {r['n']} | {r['mean_pg']:.2f} | "
-                     f"{r['min_pg']:.2f} | {r['mean_energy']:.3f} |")  # fmt: skip
-    lines += ["", "The same candidates on the held-out set (evaluated, not used to choose):", "",
-              "| rule | models meeting targets | mean PG | min PG | mean energy PG |",
-              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines.append(
+            f"| {r['rule']} | {r['meets_targets']} / {r['n']} | {r['mean_pg']:.2f} | "
+            f"{r['min_pg']:.2f} | {r['mean_energy']:.3f} |"
+        )
+    lines += [
+        "",
+        "The same candidates on the held-out set (evaluated, not used to choose):",
+        "",
+        "| rule | models meeting targets | mean PG | min PG | mean energy PG |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     held = {r["rule"]: r for r in report["rule_check_held_out"]}
     for r in shown:
         h = held.get(r["rule"])
         if h:
-            lines.append(f"| {h['rule']} | {h['meets_targets']} / {h['n']} | {h['mean_pg']:.2f} "
-                         f"| {h['min_pg']:.2f} | {h['mean_energy']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {h['rule']} | {h['meets_targets']} / {h['n']} | {h['mean_pg']:.2f} "
+                f"| {h['min_pg']:.2f} | {h['mean_energy']:.3f} |"
+            )
     lines += ["", "## Per model", ""]
-    header = ("| config | PG | PG ±1 | energy | IoU | del ↓ | ins ↑ | rand ↓ |\n"
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    header = (
+        "| config | PG | PG ±1 | energy | IoU | del ↓ | ins ↑ | rand ↓ |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     for m in report["models"]:
         rec = m["record"]
         lines += [
@@ -427,8 +472,7 @@ def _nan(v):
 
 def summarise(models: list[dict]) -> dict:
     def pick(m, prefix):
-        return next(r for r in m["rows"] if r["config"].startswith(prefix) or prefix in
-                    r["config"])  # fmt: skip
+        return next(r for r in m["rows"] if r["config"].startswith(prefix) or prefix in r["config"])
 
     if not models:
         return {}
@@ -442,8 +486,12 @@ def summarise(models: list[dict]) -> dict:
         "best": float(np.mean([r["pg"] for r in b])),
         "old": float(np.mean([r["pg"] for r in o])),
         "intensity": float(np.mean([r["pg"] for r in i])),
-        "ok": int(sum(x["pg"] >= 0.9 * y["pg"] - 1e-9 and x["pg"] >= 0.8
-                      for x, y in zip(d, b, strict=True))),  # fmt: skip
+        "ok": int(
+            sum(
+                x["pg"] >= 0.9 * y["pg"] - 1e-9 and x["pg"] >= 0.8
+                for x, y in zip(d, b, strict=True)
+            )
+        ),
         "del_default": float(np.mean([r["deletion"] for r in d])),
         "del_old": float(np.mean([r["deletion"] for r in o])),
         "rand_default": _nanmean([_nan(r["randomisation"]) for r in d]),
@@ -459,12 +507,11 @@ def main() -> None:
     parser.add_argument("--n-curve", type=int, default=4, help="samples for deletion/insertion")
     parser.add_argument("--curve-steps", type=int, default=10)
     parser.add_argument("--n-rand", type=int, default=4, help="samples for randomisation")
-    parser.add_argument("--method", default="gradcam", help="the default method")
     parser.add_argument("--only", nargs="*", help="arch:task pairs (default: all)")
     parser.add_argument("--quick", action="store_true", help="3 models, fewer samples")
     args = parser.parse_args()
     if args.quick:
-        args.only = args.only or ["cnn:shape", "unet:anatomy", "classifier:dark"]
+        args.only = args.only or ["cnn:shape", "unet:shape", "resnet2d:dark2d"]
         args.n_test, args.n_curve, args.n_rand = 8, 2, 2
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
@@ -477,9 +524,10 @@ def main() -> None:
     tuning = [m for m in models if not m["held_out"]]
     held = [m for m in models if m["held_out"]]
     report = {
-        "method": args.method,
-        "default_rule": "fuse (product) the deepest layer with the deepest layer whose grid is "
-        "at least 1/4 of the input per axis; the deepest layer alone when it is that fine",
+        "default_rule": "product fusion of the deepest layer of every resolution stage, from the "
+        "deepest feature layer back to the deepest layer whose grid is at least 1/4 of the input "
+        "per axis (the deepest layer alone when it is that fine); Grad-CAM for classifiers, "
+        "LayerCAM for segmentation outputs",
         "n_test": args.n_test,
         "n_curve": args.n_curve,
         "curve_steps": args.curve_steps,

@@ -47,7 +47,10 @@ def _place(rng, size: int, dims: int, radii: list[float]) -> list[np.ndarray]:
         for r in radii:
             for _ in range(200):
                 c = rng.uniform(r + 1, size - r - 2, dims)
-                if all(np.linalg.norm(c - o) > r + ro + 2 for o, ro in zip(centres, radii)):
+                if all(
+                    np.linalg.norm(c - o) > r + ro + 2
+                    for o, ro in zip(centres, radii, strict=False)
+                ):
                     centres.append(c)
                     break
         if len(centres) == len(radii):
@@ -91,7 +94,7 @@ def objects_scene(kind: str, n: int, rng: np.random.Generator, size: int, dims: 
         if kind == "shell":  # a hollow sphere of the solid ones' volume is bigger
             radii[0] *= 1.35
         centres = _place(rng, size, dims, radii)
-        for j, (c, r) in enumerate(zip(centres, radii)):
+        for j, (c, r) in enumerate(zip(centres, radii, strict=True)):
             target = y[i] == 1 and j == 0
             if kind == "shape" and target:
                 obj, value = _cube(p, c, r), 1.0
@@ -139,15 +142,25 @@ def anatomy_scene(kind: str, n: int, rng: np.random.Generator, size: int, dims: 
         else:  # dark: a bright organ and a few bright calcifications, no spine
             vol = np.where(organ, 0.8, vol)
             for _ in range(3):
-                c = np.array([cx + rng.uniform(-0.7, 0.7) * rx, cy + rng.uniform(-0.7, 0.7) * ry,
-                              *rng.uniform(0.2 * size, 0.8 * size, dims - 2)])  # fmt: skip
+                c = np.array(
+                    [
+                        cx + rng.uniform(-0.7, 0.7) * rx,
+                        cy + rng.uniform(-0.7, 0.7) * ry,
+                        *rng.uniform(0.2 * size, 0.8 * size, dims - 2),
+                    ]
+                )
                 vol = np.where(_sphere(p, c, 0.04 * size + 0.5) & body, 1.6, vol)
         if y[i]:
             r = rng.uniform(0.07, 0.12) * size
             for _ in range(500):
                 if kind == "anatomy":  # anywhere in the body, away from the spine
-                    c = np.array([cx + rng.uniform(-0.65, 0.65) * rx, cy + rng.uniform(-0.3, 0.7)
-                                  * ry, *rng.uniform(0.25 * size, 0.75 * size, dims - 2)])  # fmt: skip
+                    c = np.array(
+                        [
+                            cx + rng.uniform(-0.65, 0.65) * rx,
+                            cy + rng.uniform(-0.3, 0.7) * ry,
+                            *rng.uniform(0.25 * size, 0.75 * size, dims - 2),
+                        ]
+                    )
                     ok = np.linalg.norm(c[:2] - spine_c) > r + 0.1 * size
                 else:  # inside the organ
                     c = organ_c + rng.uniform(-0.55, 0.55, dims) * organ_r
@@ -188,8 +201,13 @@ _DESCRIPTIONS = {
 
 def _tasks() -> dict[str, Task]:
     out = {}
-    for kind, held in (("shape", False), ("texture", False), ("anatomy", False),
-                       ("shell", True), ("dark", True)):  # fmt: skip
+    for kind, held in (
+        ("shape", False),
+        ("texture", False),
+        ("anatomy", False),
+        ("shell", True),
+        ("dark", True),
+    ):
         out[kind] = Task(kind, kind, 3, 32, held, _DESCRIPTIONS[kind] + ", 32^3")
         out[f"{kind}2d"] = Task(f"{kind}2d", kind, 2, 64, held, _DESCRIPTIONS[kind] + ", 64^2")
     return out
@@ -201,18 +219,29 @@ TASKS = _tasks()
 # ------------------------------------------------------------------------------- architectures
 def plain_cnn(dims: int) -> nn.Module:
     """Conv stride 2, then conv blocks with max-pooling: the grid is 1/8 of the input at the end."""
-    conv, bn, pool = (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d) if dims == 3 else (
-        nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)  # fmt: skip
+    conv, bn, pool = (
+        (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d)
+        if dims == 3
+        else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+    )
     gap = nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1)
 
     def block(i, o):
         return [conv(i, o, 3, padding=1), bn(o), nn.ReLU()]
 
     return nn.Sequential(
-        conv(1, 8, 3, stride=2, padding=1), bn(8), nn.ReLU(),
-        *block(8, 16), pool(2), *block(16, 32), pool(2), *block(32, 32),
-        gap, nn.Flatten(), nn.Linear(32, 2),
-    )  # fmt: skip
+        conv(1, 8, 3, stride=2, padding=1),
+        bn(8),
+        nn.ReLU(),
+        *block(8, 16),
+        pool(2),
+        *block(16, 32),
+        pool(2),
+        *block(32, 32),
+        gap,
+        nn.Flatten(),
+        nn.Linear(32, 2),
+    )
 
 
 def _densenet(dims: int) -> nn.Module:
@@ -225,8 +254,15 @@ def _resnet(dims: int) -> nn.Module:
     from monai.networks.nets import ResNet
 
     widths = [4, 8, 16, 32] if dims == 3 else [8, 16, 32, 64]
-    return ResNet("basic", [1, 1, 1, 1], widths, spatial_dims=dims, n_input_channels=1,
-                  num_classes=2, conv1_t_size=3)  # fmt: skip
+    return ResNet(
+        "basic",
+        [1, 1, 1, 1],
+        widths,
+        spatial_dims=dims,
+        n_input_channels=1,
+        num_classes=2,
+        conv1_t_size=3,
+    )
 
 
 def _unet(dims: int) -> nn.Module:
@@ -239,15 +275,23 @@ def _classifier(dims: int) -> nn.Module:
     from monai.networks.nets import Classifier
 
     size = 32 if dims == 3 else 64
-    return Classifier((1, *[size] * dims), 2, channels=(8, 16, 16, 32), strides=(2, 2, 2, 2),
-                      num_res_units=1)  # fmt: skip
+    return Classifier(
+        (1, *[size] * dims), 2, channels=(8, 16, 16, 32), strides=(2, 2, 2, 2), num_res_units=1
+    )
 
 
 def _segresnet(dims: int) -> nn.Module:
     from monai.networks.nets import SegResNet
 
-    return SegResNet(dims, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1, 1),
-                     blocks_up=(1, 1), num_groups=4)  # fmt: skip
+    return SegResNet(
+        dims,
+        init_filters=8,
+        in_channels=1,
+        out_channels=2,
+        blocks_down=(1, 1, 1),
+        blocks_up=(1, 1),
+        num_groups=4,
+    )
 
 
 @dataclass(frozen=True)
@@ -271,24 +315,42 @@ ARCHS = {
         Arch("resnet", _resnet, 3, False, False, "MONAI ResNet, 4 basic blocks (1/16)"),
         Arch("unet", _unet, 3, True, False, "MONAI UNet segmenter, 2 strides"),
         Arch("densenet2d", _densenet, 2, False, False, "MONAI DenseNet 2D (1/16)"),
-        Arch("classifier", _classifier, 3, False, True, "MONAI Classifier, 4 strided residual "
-             "units, flatten + linear (1/16)"),  # fmt: skip
+        Arch(
+            "classifier",
+            _classifier,
+            3,
+            False,
+            True,
+            "MONAI Classifier, 4 strided residual units, flatten + linear (1/16)",
+        ),
         Arch("segresnet", _segresnet, 3, True, True, "MONAI SegResNet segmenter, 2 strides"),
         Arch("resnet2d", _resnet, 2, False, True, "MONAI ResNet 2D (1/16)"),
     ]
 }
 
 TUNING = [
-    ("cnn", "shape"), ("cnn", "texture"), ("cnn", "anatomy"),
-    ("densenet", "shape"), ("densenet", "texture"), ("densenet", "anatomy"),
-    ("resnet", "texture"), ("resnet", "anatomy"),
-    ("unet", "shape"), ("unet", "anatomy"),
-    ("densenet2d", "shape2d"), ("densenet2d", "texture2d"), ("densenet2d", "anatomy2d"),
-]  # fmt: skip
+    ("cnn", "shape"),
+    ("cnn", "texture"),
+    ("cnn", "anatomy"),
+    ("densenet", "shape"),
+    ("densenet", "texture"),
+    ("densenet", "anatomy"),
+    ("resnet", "texture"),
+    ("resnet", "anatomy"),
+    ("unet", "shape"),
+    ("unet", "anatomy"),
+    ("densenet2d", "shape2d"),
+    ("densenet2d", "texture2d"),
+    ("densenet2d", "anatomy2d"),
+]
 HELD_OUT = [
-    ("classifier", "shell"), ("classifier", "dark"), ("segresnet", "dark"),
-    ("resnet2d", "shell2d"), ("resnet2d", "dark2d"),
-]  # fmt: skip
+    ("classifier", "shell"),
+    ("classifier", "dark"),
+    ("segresnet", "shell"),
+    ("segresnet", "dark"),
+    ("resnet2d", "shell2d"),
+    ("resnet2d", "dark2d"),
+]
 
 
 # ------------------------------------------------------------------------------------ training
@@ -361,8 +423,9 @@ def model_quality(model: nn.Module, arch: Arch, task: Task, n: int = 64) -> floa
     return float((out.argmax(1) == y).float().mean())
 
 
-def load_or_train(arch_name: str, task_name: str, *, steps: int, retrain: bool = False,
-                  log=print) -> tuple[nn.Module, dict]:  # fmt: skip
+def load_or_train(
+    arch_name: str, task_name: str, *, steps: int, retrain: bool = False, log=print
+) -> tuple[nn.Module, dict]:
     """The trained model (cached weights) and its record (training steps, held-out quality)."""
     arch, task = ARCHS[arch_name], TASKS[task_name]
     WEIGHTS.mkdir(parents=True, exist_ok=True)
@@ -375,8 +438,10 @@ def load_or_train(arch_name: str, task_name: str, *, steps: int, retrain: bool =
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         if key not in records:
-            records[key] = {"quality": model_quality(model, arch, task),
-                            "parameters": int(sum(p.numel() for p in model.parameters()))}
+            records[key] = {
+                "quality": model_quality(model, arch, task),
+                "parameters": int(sum(p.numel() for p in model.parameters())),
+            }
             record_path.write_text(json.dumps(records, indent=1, sort_keys=True))
         return model, records[key]
     model, info = train(arch, task, steps, log)

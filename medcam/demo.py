@@ -108,8 +108,9 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
         "predicted_class": int(cls_ex.cam.classes[0, 0]),
         "probability": round(float(probs[0]), 4),
         "layer": " + ".join(cls_ex.cam.layers),
-        "feature_grid": " + ".join("x".join(map(str, cls_ex.cam.feature_shapes[n]))
-                                   for n in cls_ex.cam.layers),  # fmt: skip
+        "feature_grid": " + ".join(
+            "x".join(map(str, cls_ex.cam.feature_shapes[n])) for n in cls_ex.cam.layers
+        ),
         "fusion": cls_ex.cam.fusion,
         "classifier_peak_to_lesion_mm": round(cls_dist, 1),
         "segmenter_layer": seg_ex.cam.layers[0],

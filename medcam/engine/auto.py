@@ -7,14 +7,16 @@ The rule works on the output shapes of one cheap, no-grad shape pass (:func:`tra
    model output (a segmentation head and what follows it are skipped).
 2. **Deep layer**: the last candidate in execution order (what ``layers="last"`` explains).
    Its feature grid is often tiny: 3x3x3 for a 3D DenseNet121 at 96^3, 1/32 of the input.
-3. **Fine layer**: the last candidate whose grid is at least ``min_fraction`` of the input
-   along every spatial axis (``min_fraction = 1/4``: a 16^3 grid or finer for a 64^3 input).
+3. **Fine layer**: the last candidate whose grid is at least 1/4 of the input along every
+   spatial axis (a 24^3 grid or finer for a 96^3 input).
 4. If the deep layer is already that fine (segmentation decoders, shallow networks), it is
-   explained alone. Otherwise the fine and the deep layer are **fused** (``"product"``:
-   geometric mean of the peak-scaled maps): the deep layer knows *what* the class is, the
-   fine layer *where*; the product keeps what both agree on.
+   explained alone. Otherwise the deepest layer of **every resolution stage** from the fine
+   layer down to the deep layer is explained and the maps are **fused** by their product
+   (geometric mean of the peak-scaled maps): the deep layers know *what* the class is, the
+   fine ones *where*; the product keeps what all of them agree on, a compact spot.
 
-The choice of ``min_fraction`` and fusion comes from ``benchmarks/bench_quality.py`` (several
+:func:`auto_method` picks the method for ``method="auto"``: Grad-CAM for classifiers, LayerCAM
+for segmentation outputs. Both choices come from ``benchmarks/bench_quality.py`` (several
 architectures and tasks, with a held-out set); see ``docs/engine.md``, "Choosing a layer".
 """
 
@@ -39,7 +41,7 @@ __all__ = [
 
 DEFAULT_MIN_FRACTION = Fraction(1, 4)
 DEFAULT_FUSION: Fusion = "product"
-DEFAULT_CHAIN = False
+DEFAULT_CHAIN = True
 
 _NO_CANDIDATE = (
     "layers='auto' found no layer with a spatial feature-map output (B, C, *spatial) with "
@@ -163,8 +165,10 @@ def auto_choice(
         fine = _stage_layer(cands, stages_back)
         what = f"{stages_back} resolution stage{'s' if stages_back > 1 else ''} finer"
         if fine is None:
-            rule = (f"no layer is {what} than the deepest feature layer {deep.name} "
-                    f"({deep_grid}); explaining it alone")  # fmt: skip
+            rule = (
+                f"no layer is {what} than the deepest feature layer {deep.name} "
+                f"({deep_grid}); explaining it alone"
+            )
             return AutoChoice([deep.name], None, rule, _grids([deep]))
     else:
         frac = Fraction(min_fraction).limit_denominator(1000)
@@ -172,8 +176,10 @@ def auto_choice(
             (
                 i
                 for i in reversed(cands)
-                if all(g * frac.denominator >= s * frac.numerator
-                       for g, s in zip(i.feature_shape, spatial, strict=True))  # fmt: skip
+                if all(
+                    g * frac.denominator >= s * frac.numerator
+                    for g, s in zip(i.feature_shape, spatial, strict=True)
+                )
             ),
             None,
         )
@@ -192,8 +198,10 @@ def auto_choice(
             return AutoChoice([deep.name], None, rule, _grids([deep]))
     fine_text = f"{fine.name} ({_grid(fine.feature_shape)})"
     if fusion is None:
-        rule = (f"the deepest layer {what}: {fine_text}; the deepest feature layer {deep.name} "
-                f"({deep_grid}) is coarser")  # fmt: skip
+        rule = (
+            f"the deepest layer {what}: {fine_text}; the deepest feature layer {deep.name} "
+            f"({deep_grid}) is coarser"
+        )
         return AutoChoice([fine.name], None, rule, _grids([fine]))
     if not chain:
         rule = (

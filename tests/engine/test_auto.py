@@ -26,25 +26,33 @@ def choose(net: nn.Module, x: torch.Tensor, **kw):
 
 
 @pytest.mark.slow
-def test_densenet121_fuses_the_2cube_layer_with_the_first_transition():
+def test_densenet121_fuses_one_layer_per_resolution_stage():
     # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3; denseblock1 and the
-    # 1x1 conv of transition1 stay at 16^3 (1/4), its avg-pool halves to 8^3; two more
-    # transitions -> 2^3 for denseblock4 / class_layers.relu.
+    # 1x1 conv of transition1 stay at 16^3 (1/4), its avg-pool halves to 8^3; transitions 2
+    # and 3 -> 4^3 and 2^3 for denseblock4 / class_layers.relu. The last module of each grid
+    # before a pool is the transition's conv.
     net = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     c = choose(net, torch.zeros(1, 1, 64, 64, 64))
-    assert c.layers == ["features.transition1.conv", "class_layers.relu"]
-    assert c.grids == {"features.transition1.conv": (16, 16, 16), "class_layers.relu": (2, 2, 2)}
-    assert c.fusion == "product"
-    assert "class_layers.relu (2x2x2)" in c.rule and "1/4 of the input 64x64x64" in c.rule
+    assert c.grids == {
+        "features.transition1.conv": (16, 16, 16),
+        "features.transition2.conv": (8, 8, 8),
+        "features.transition3.conv": (4, 4, 4),
+        "class_layers.relu": (2, 2, 2),
+    }
+    assert c.layers == list(c.grids) and c.fusion == "product"
+    assert "1/4 of the input 64x64x64" in c.rule and "class_layers.relu (2x2x2)" in c.rule
+    pair = choose(net, torch.zeros(1, 1, 64, 64, 64), chain=False, fusion="mean")
+    assert pair.layers == ["features.transition1.conv", "class_layers.relu"]
+    assert pair.fusion == "mean"
 
 
-def test_resnet18_2d_fuses_layer2_with_layer4():
+def test_resnet18_2d_fuses_layer2_to_layer4():
     # MONAI's ResNet keeps the stem at stride 1 (conv1_t_stride=1), max-pool -> 1/2, layer2 ->
-    # 1/4, layer4 -> 1/16: at 96^2 layer2 is 24^2 and layer4 6^2.
+    # 1/4, layer3 -> 1/8, layer4 -> 1/16: at 96^2 layer2 is 24^2 and layer4 6^2.
     net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3)
     c = choose(net, torch.zeros(1, 1, 96, 96))
-    assert c.layers == ["layer2", "layer4"]
-    assert c.grids == {"layer2": (24, 24), "layer4": (6, 6)}
+    assert c.layers == ["layer2", "layer3", "layer4"]
+    assert c.grids == {"layer2": (24, 24), "layer3": (12, 12), "layer4": (6, 6)}
 
 
 def test_segmenters_explain_their_last_feature_layer_alone():
@@ -53,8 +61,14 @@ def test_segmenters_explain_their_last_feature_layer_alone():
     # model.2 is the head (output-shaped); model.1 (skip connection, 16^3) feeds it
     assert c.layers == ["model.1"] and c.fusion is None
     assert "already at least 1/4" in c.rule
-    swin = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3,
-                     depths=(1, 1, 1, 1), norm_name="batch")  # fmt: skip
+    swin = SwinUNETR(
+        in_channels=1,
+        out_channels=2,
+        feature_size=12,
+        spatial_dims=3,
+        depths=(1, 1, 1, 1),
+        norm_name="batch",
+    )
     c = choose(swin, torch.zeros(1, 1, 32, 32, 32))
     # decoder1 (full resolution) feeds the output block "out"
     assert c.layers == ["decoder1"] and c.grids["decoder1"] == (32, 32, 32)
@@ -63,16 +77,24 @@ def test_segmenters_explain_their_last_feature_layer_alone():
 def test_min_fraction_is_checked_per_axis():
     # anisotropic input 64x64x8: the z axis limits the fine layer (1/4 of 8 = 2)
     net = nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.MaxPool3d(2),  # 32x32x4
-        nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d(2),  # 16x16x2
-        nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d((2, 2, 1)),  # 8x8x2
-        nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d((2, 2, 1)),  # 4x4x2
-        nn.Conv3d(4, 4, 3, padding=1), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2),
-    )  # fmt: skip
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.MaxPool3d(2),  # 32x32x4
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d(2),  # 16x16x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d((2, 2, 1)),  # 8x8x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d((2, 2, 1)),  # 4x4x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     c = choose(net, torch.zeros(1, 1, 64, 64, 8))
     # the conv "4" (16x16x2) is the deepest with >= 16 in-plane and >= 2 through-plane; "6"
-    # (8x8x2) has the z extent but not the in-plane one
-    assert c.layers == ["4", "8"] and c.grids == {"4": (16, 16, 2), "8": (4, 4, 2)}
+    # (8x8x2) has the z extent but not the in-plane one: it is the stage between
+    assert c.grids == {"4": (16, 16, 2), "6": (8, 8, 2), "8": (4, 4, 2)}
+    assert c.layers == ["4", "6", "8"]
     c = choose(net, torch.zeros(1, 1, 64, 64, 8), min_fraction=0.5, fusion=None)
     assert c.layers == ["2"] and c.fusion is None and "8 (4x4x2) is coarser" in c.rule
 
@@ -90,14 +112,15 @@ def test_explain_records_the_choice_and_fuses():
     net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
     x = torch.randn(2, 1, 64, 64)
     result = medcam.explain(net, x)
-    assert result.layers == ["layer2", "layer4"] and result.fusion == "product"
+    names = ["layer2", "layer3", "layer4"]
+    assert result.layers == names and result.fusion == "product"
     meta = result.metadata()
     assert meta["layers_chosen_by"].startswith("auto: product fusion of")
-    assert "layer4 (4x4)" in meta["layers_chosen_by"]
-    # the fused map is the geometric mean of the two peak-scaled single-layer maps
-    single = {n: medcam.explain(net, x, layers=n).heatmap for n in ("layer2", "layer4")}
-    peak = {n: m.flatten(2).amax(2)[..., None, None] for n, m in single.items()}
-    expected = (single["layer2"] / peak["layer2"] * single["layer4"] / peak["layer4"]).sqrt()
+    assert "layer2 (16x16), layer3 (8x8), layer4 (4x4)" in meta["layers_chosen_by"]
+    # the fused map is the geometric mean of the peak-scaled single-layer maps
+    single = [medcam.explain(net, x, layers=n).heatmap for n in names]
+    scaled = [m / m.flatten(2).amax(2)[..., None, None] for m in single]
+    expected = (scaled[0] * scaled[1] * scaled[2]) ** (1 / 3)
     torch.testing.assert_close(result.heatmap, expected, rtol=1e-4, atol=1e-6)
     json.dumps(meta)  # JSON-able
 
@@ -131,8 +154,15 @@ def test_every_entry_point_has_the_same_default():
 
     config = json.loads((ROOT / "configs" / "medcam.json").read_text())["medcam"]
     assert config.get("fusion") is None  # the rule's own fusion
-    functions = [medcam.Explainer, medcam.explain, medcam.explain_scan, CAMHandler,
-                 explain_inputs, load_timepoints, cohort_processor]  # fmt: skip
+    functions = [
+        medcam.Explainer,
+        medcam.explain,
+        medcam.explain_scan,
+        CAMHandler,
+        explain_inputs,
+        load_timepoints,
+        cohort_processor,
+    ]
     commands = [cli.explain, cli.compare, cli.cohort_run]
     for param in ("layers", "method"):
         defaults = {inspect.signature(f).parameters[param].default for f in functions}
@@ -149,8 +179,9 @@ def test_auto_method_follows_the_output():
     assert result.method == "layercam"
     assert result.metadata()["method_chosen_by"].startswith("auto: segmentation output")
     # the same maps as asking for LayerCAM by name
-    named = medcam.explain(seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)),
-                           method="layercam")  # fmt: skip
+    named = medcam.explain(
+        seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)), method="layercam"
+    )
     torch.testing.assert_close(result.heatmap, named.heatmap)
     assert named.metadata()["method_chosen_by"] == "user"
     clf = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()

@@ -395,9 +395,12 @@ def write_report(report: dict) -> None:
         lines.append(
             f"{label.capitalize()} set, {s['n']} models: mean strict PG default {s['default']:.2f}"
             f", best single layer {s['best']:.2f}, old default {s['old']:.2f}, intensity "
-            f"{s['intensity']:.2f}; targets met by {s['ok']} of {s['n']}; mean deletion AUC "
-            f"default {s['del_default']:.3f} vs old default {s['del_old']:.3f}; mean "
-            f"randomisation Spearman default {s['rand_default']:.2f} vs old {s['rand_old']:.2f}."
+            f"{s['intensity']:.2f}; targets met by {s['ok']} of {s['n']}, energy PG above the "
+            f"intensity baseline on {s['energy_ok']} of {s['n']}. Mean deletion AUC default "
+            f"{s['del_default']:.3f} vs old default {s['del_old']:.3f} (default lower or equal on "
+            f"{s['del_ok']} of {s['n']}), insertion {s['ins_default']:.3f} vs "
+            f"{s['ins_old']:.3f} (higher or equal on {s['ins_ok']}); mean randomisation Spearman "
+            f"default {_f(s['rand_default'])} vs old {_f(s['rand_old'])}."
         )
     lines += [
         "",
@@ -492,8 +495,13 @@ def summarise(models: list[dict]) -> dict:
                 for x, y in zip(d, b, strict=True)
             )
         ),
+        "energy_ok": int(sum(x["energy"] > y["energy"] for x, y in zip(d, i, strict=True))),
         "del_default": float(np.mean([r["deletion"] for r in d])),
         "del_old": float(np.mean([r["deletion"] for r in o])),
+        "del_ok": int(sum(x["deletion"] <= y["deletion"] for x, y in zip(d, o, strict=True))),
+        "ins_default": float(np.mean([r["insertion"] for r in d])),
+        "ins_old": float(np.mean([r["insertion"] for r in o])),
+        "ins_ok": int(sum(x["insertion"] >= y["insertion"] for x, y in zip(d, o, strict=True))),
         "rand_default": _nanmean([_nan(r["randomisation"]) for r in d]),
         "rand_old": _nanmean([_nan(r["randomisation"]) for r in o]),
     }

@@ -163,6 +163,7 @@ def auto_choice(
     inp, deep_grid = _grid(spatial), _grid(deep.feature_shape)
     if stages_back is not None:
         fine = _stage_layer(cands, stages_back)
+        fine = fine and _outermost(cands, fine)
         what = f"{stages_back} resolution stage{'s' if stages_back > 1 else ''} finer"
         if fine is None:
             rule = (
@@ -184,6 +185,8 @@ def auto_choice(
             None,
         )
         what = f"whose grid is at least {frac} of the input {inp} per axis"
+        if fine is not None and fine is not deep:
+            fine = _outermost(cands, fine)
         if fine is None:
             rule = (
                 f"every feature grid is coarser than {frac} of the input {inp} on some axis; "
@@ -219,20 +222,31 @@ def auto_choice(
 
 
 def _chain(cands: Sequence[LayerInfo], fine: LayerInfo) -> list[LayerInfo]:
-    """The deepest layer of each resolution stage from the deepest candidate back to ``fine``,
-    in execution order."""
+    """One layer per resolution stage from ``fine`` to the deepest candidate, in execution
+    order: the deepest candidate, and for each finer grid met walking back from it the block
+    output that ends the stage (see :func:`_outermost`)."""
     out, grid = [cands[-1]], tuple(cands[-1].feature_shape)
     for info in reversed(cands):
-        if info is fine:
+        if tuple(info.feature_shape) == tuple(fine.feature_shape):
             break
-        if _finer(info.feature_shape, grid) and not _finer(info.feature_shape, fine.feature_shape):
-            out.append(info)
+        if _finer(info.feature_shape, grid) and _finer(fine.feature_shape, info.feature_shape):
+            out.append(_outermost(cands, info))
             grid = tuple(info.feature_shape)
-    if tuple(out[-1].feature_shape) == tuple(fine.feature_shape):
-        out[-1] = fine  # fine is the deepest layer of its grid
-    else:
-        out.append(fine)
-    return out[::-1]
+    return [fine, *out[::-1]]
+
+
+def _outermost(cands: Sequence[LayerInfo], info: LayerInfo) -> LayerInfo:
+    """The outermost module (fewest dots in its name; the deepest of those) among the
+    consecutive candidates that share ``info``'s grid and end at ``info``: a block's output
+    rather than a layer inside the next block (MONAI ResNet50's ``layer2``, not the
+    ``layer3.0.bn1`` that still has ``layer2``'s grid before its strided conv)."""
+    k = next(n for n, c in enumerate(cands) if c is info)
+    j = k
+    while j > 0 and tuple(cands[j - 1].feature_shape) == tuple(info.feature_shape):
+        j -= 1
+    run = cands[j : k + 1]
+    depth = min(c.name.count(".") for c in run)
+    return [c for c in run if c.name.count(".") == depth][-1]
 
 
 def _grids(layers: Sequence[LayerInfo]) -> dict[str, tuple[int, ...]]:

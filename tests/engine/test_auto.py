@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from monai.networks.nets import DenseNet121, SwinUNETR, UNet, resnet18
+from monai.networks.nets import DenseNet121, SwinUNETR, UNet, resnet18, resnet50
 from torch import nn
 
 import medcam
@@ -26,24 +26,33 @@ def choose(net: nn.Module, x: torch.Tensor, **kw):
 
 
 @pytest.mark.slow
-def test_densenet121_fuses_one_layer_per_resolution_stage():
-    # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3; denseblock1 and the
-    # 1x1 conv of transition1 stay at 16^3 (1/4), its avg-pool halves to 8^3; transitions 2
-    # and 3 -> 4^3 and 2^3 for denseblock4 / class_layers.relu. The last module of each grid
-    # before a pool is the transition's conv.
+def test_densenet121_fuses_one_block_per_resolution_stage():
+    # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3 (1/4) for denseblock1;
+    # each transition's avg-pool halves the grid: denseblock2 8^3, denseblock3 4^3,
+    # denseblock4 / class_layers.relu 2^3. Each stage is represented by its block's output,
+    # not by the transition layers that still have its grid before their pool.
     net = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     c = choose(net, torch.zeros(1, 1, 64, 64, 64))
     assert c.grids == {
-        "features.transition1.conv": (16, 16, 16),
-        "features.transition2.conv": (8, 8, 8),
-        "features.transition3.conv": (4, 4, 4),
+        "features.denseblock1": (16, 16, 16),
+        "features.denseblock2": (8, 8, 8),
+        "features.denseblock3": (4, 4, 4),
         "class_layers.relu": (2, 2, 2),
     }
     assert c.layers == list(c.grids) and c.fusion == "product"
     assert "1/4 of the input 64x64x64" in c.rule and "class_layers.relu (2x2x2)" in c.rule
     pair = choose(net, torch.zeros(1, 1, 64, 64, 64), chain=False, fusion="mean")
-    assert pair.layers == ["features.transition1.conv", "class_layers.relu"]
+    assert pair.layers == ["features.denseblock1", "class_layers.relu"]
     assert pair.fusion == "mean"
+
+
+def test_resnet50_stages_are_block_outputs():
+    # In a bottleneck the stride sits in conv2, so layer3.0.conv1 / bn1 still have layer2's
+    # grid; the stage is represented by layer2 itself
+    net = resnet50(spatial_dims=2, n_input_channels=1, num_classes=2)
+    c = choose(net, torch.zeros(1, 1, 64, 64))
+    assert c.layers == ["layer2", "layer3", "layer4"]
+    assert c.grids == {"layer2": (16, 16), "layer3": (8, 8), "layer4": (4, 4)}
 
 
 def test_resnet18_2d_fuses_layer2_to_layer4():
@@ -198,9 +207,9 @@ def test_layers_command_shows_the_default_and_why():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     marked = [ln.split()[0] for ln in lines if ln.endswith("<- default")]
-    assert marked == ["features.transition1.conv", "class_layers.relu"]
+    assert marked == ["features.denseblock1", "class_layers.relu"]
     summary = next(ln for ln in lines if ln.startswith("default (--layer auto)"))
-    assert "features.transition1.conv + class_layers.relu, product fusion" in summary
+    assert "features.denseblock1 + class_layers.relu, product fusion" in summary
     why = next(ln for ln in lines if ln.strip().startswith("why:"))
     assert "(6x6x6)" in why and "(12x12x12)" in why
     seg = CliRunner().invoke(main, ["layers", "--bundle", str(bundle / "segment3d")])

@@ -3,11 +3,16 @@
 One run, the same model and input for every tool, rounds interleaved (each round runs every
 case once, in order), medians reported with ratios and peak memory::
 
-    python benchmarks/bench_engine.py                   # CPU, DenseNet121-3D 96^3 + ResNet18-2D
+    python benchmarks/bench_engine.py                   # CPU, every suite
     python benchmarks/bench_engine.py --device cuda     # on a GPU
     python benchmarks/bench_engine.py --rounds 3 --size 64 --quick
+    python benchmarks/bench_engine.py --suite scorecam,transformer --rounds 3
 
-Results go to ``benchmarks/results/engine_<device>.json`` and ``.md``.
+Suites: ``cnn`` (Grad-CAM on DenseNet121-3D 96^3 and ResNet18-2D 224^2, against MONAI,
+pytorch-grad-cam and Captum), ``scorecam`` (Score-CAM on ResNet18-2D, against pytorch-grad-cam's
+ScoreCAM; it has no 3D Score-CAM), ``transformer`` (Grad-CAM on a MONAI ViT-3D's tokens, against
+pytorch-grad-cam with a ``reshape_transform``). Results go to
+``benchmarks/results/engine_<device>[_<suites>].json`` and ``.md``.
 
 Install the comparison tools with ``bash benchmarks/install.sh`` (grad-cam without its
 torchvision dependency, which would replace the CPU torch wheel). pytorch-grad-cam imports
@@ -45,6 +50,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def import_pytorch_grad_cam() -> tuple[types.ModuleType | None, str]:
+    """pytorch-grad-cam, with a torchvision stub in ``sys.modules`` only while it is imported and
+    only when the real torchvision cannot be (as in tests/engine/reference.py)."""
+    stubs: list[types.ModuleType] = []
     try:
         import torchvision  # noqa: F401
     except Exception as err:  # the CPU torch wheel + PyPI torchvision do not load together
@@ -58,7 +66,8 @@ def import_pytorch_grad_cam() -> tuple[types.ModuleType | None, str]:
         transforms.functional = functional
         stub.transforms = transforms
         stub.ops = types.ModuleType("torchvision.ops")
-        for mod in (stub, transforms, functional, stub.ops):
+        stubs = [stub, transforms, functional, stub.ops]
+        for mod in stubs:
             sys.modules[mod.__name__] = mod
     else:
         note = "real torchvision"
@@ -66,6 +75,9 @@ def import_pytorch_grad_cam() -> tuple[types.ModuleType | None, str]:
         return importlib.import_module("pytorch_grad_cam"), note
     except ImportError as err:
         return None, f"pytorch-grad-cam not installed ({err})"
+    finally:
+        for mod in stubs:
+            sys.modules.pop(mod.__name__, None)
 
 
 def import_captum():
@@ -114,10 +126,105 @@ def cpu_peak_in_fresh_process(argv: list[str], model_index: int, case: str) -> i
 # ----------------------------------------------------------------------------- cases
 
 
+def baseline_cases(net: torch.nn.Module, x: torch.Tensor, output=None) -> dict[str, Callable]:
+    """The model's own cost: forward without and with a graph, forward + full backward."""
+
+    def logits(out):
+        return out if output is None else out[output]
+
+    def forward_no_grad():
+        with torch.no_grad():
+            return net(x)
+
+    def forward_with_graph():
+        with torch.enable_grad():
+            return logits(net(x)).sum()
+
+    def forward_backward():
+        net.zero_grad(set_to_none=True)
+        out = logits(net(x))
+        out[:, 0].sum().backward()
+        net.zero_grad(set_to_none=True)
+        return out
+
+    return {
+        "forward (no grad)": forward_no_grad,
+        "forward with graph": forward_with_graph,
+        "forward+backward (param grads)": forward_backward,
+    }
+
+
+def scorecam_cases(net, layer, x, num_classes, pgc, captum, per_eval: int = 16) -> dict:
+    """Score-CAM, one class, same number of masked inputs per forward pass for both tools."""
+    cases = {"forward (no grad)": baseline_cases(net, x)["forward (no grad)"]}
+    explainer = medcam.Explainer(net, layer, "scorecam", perturbations_per_eval=per_eval)
+    cases["medcam Score-CAM 1 class"] = lambda: explainer(x, 0).heatmap
+    cases[f"medcam Score-CAM {num_classes} classes"] = lambda: explainer(x, "all").heatmap
+    if pgc is not None:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        pgc_net = copy.deepcopy(net)
+        cam = pgc.ScoreCAM(model=pgc_net, target_layers=[dict(pgc_net.named_modules())[layer]])
+        cam.batch_size = per_eval
+        cases["pytorch-grad-cam ScoreCAM 1 class"] = lambda: cam(
+            input_tensor=x, targets=[ClassifierOutputTarget(0)]
+        )
+    return cases
+
+
+class ViTLogits(torch.nn.Module):
+    """MONAI's ViT returns (logits, hidden states); pytorch-grad-cam needs the logits alone."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit(x)[0]
+
+
+def vit_grid(net: torch.nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    stride = net.patch_embedding.patch_embeddings.stride
+    return tuple(s // p for s, p in zip(x.shape[2:], stride, strict=True))
+
+
+def transformer_cases(net, layer, x, num_classes, pgc, captum) -> dict:
+    """Grad-CAM on a ViT block's tokens: medcam reads the grid from the model; pytorch-grad-cam
+    gets the equivalent reshape_transform (drop the class token, tokens -> grid)."""
+    cases = baseline_cases(net, x, output=0)
+    explainer = medcam.Explainer(net, layer, "gradcam", output=0)
+    cases["medcam 1 class"] = lambda: explainer(x, 0).heatmap
+    cases[f"medcam {num_classes} classes"] = lambda: explainer(x, "all").heatmap
+    if pgc is not None:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        grid = vit_grid(net, x)
+
+        def reshape(t):
+            return t[:, 1:].reshape(t.shape[0], *grid, t.shape[-1]).movedim(-1, 1)
+
+        wrapped = ViTLogits(copy.deepcopy(net))
+        module = dict(wrapped.named_modules())[f"vit.{layer}"]
+        cam = pgc.GradCAM(model=wrapped, target_layers=[module], reshape_transform=reshape)
+        xb = x.repeat(num_classes, *([1] * (x.ndim - 1)))
+        cases["pytorch-grad-cam 1 class"] = lambda: cam(
+            input_tensor=x, targets=[ClassifierOutputTarget(0)]
+        )
+        cases[f"pytorch-grad-cam {num_classes} classes (batched input)"] = lambda: cam(
+            input_tensor=xb, targets=[ClassifierOutputTarget(c) for c in range(num_classes)]
+        )
+    return cases
+
+
 def build_cases(
-    net: torch.nn.Module, layer: str, x: torch.Tensor, num_classes: int, pgc, captum
-) -> dict[str, Callable[[], object]]:
+    net: torch.nn.Module, layer: str, x: torch.Tensor, num_classes: int, pgc, captum,
+    suite: str = "cnn",
+) -> dict[str, Callable[[], object]]:  # fmt: skip
     """Every case as a no-argument callable returning something that holds the full map."""
+    if suite == "scorecam":
+        return scorecam_cases(net, layer, x, num_classes, pgc, captum)
+    if suite == "transformer":
+        return transformer_cases(net, layer, x, num_classes, pgc, captum)
     spatial = tuple(x.shape[2:])
     mode = "trilinear" if len(spatial) == 3 else "bilinear"
     classes = list(range(num_classes))
@@ -213,10 +320,47 @@ def agreement(net, layer, x, pgc, captum) -> dict[str, float | None]:
     return out
 
 
-def run_model(index, name, net, layer, x, num_classes, args, device, pgc, captum) -> dict:
+def pearson(a: torch.Tensor, b) -> float | None:
+    a = a.detach().float().flatten().cpu()
+    b = torch.as_tensor(b).detach().float().flatten().cpu()
+    r = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    return None if torch.isnan(r) else float(r)  # None: a constant (all-zero) map
+
+
+def agreement_extra(suite, net, layer, x, pgc) -> dict[str, float | None]:
+    """pytorch-grad-cam's map against medcam's (sample 0, class 0): Pearson r at full
+    resolution with medcam's heatmap, and the largest difference from pytorch-grad-cam's own
+    scaling + resizing (``scale_cam_image``, as in its BaseCAM) applied to medcam's raw map."""
+    import numpy as np
+
+    out: dict[str, float | None] = {"class": 0}
+    if pgc is None:
+        return out
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    x = x[:1]
+    cases = build_cases(net, layer, x, 2, pgc, None, suite)
+    key = "pytorch-grad-cam ScoreCAM 1 class" if suite == "scorecam" else "pytorch-grad-cam 1 class"
+    theirs = np.asarray(cases[key]())[0]
+    method = "scorecam" if suite == "scorecam" else "gradcam"
+    output = 0 if suite == "transformer" else None
+    result = medcam.explain(net, x, 0, layers=layer, method=method, output=output)
+    out["Pearson r, full resolution"] = pearson(result.heatmap[0, 0], theirs)
+    size = tuple(reversed(x.shape[2:]))
+    raw = result.raw[layer][:, 0].cpu().numpy()
+    scaled = scale_cam_image(np.maximum(scale_cam_image(raw, size), 0))[0]
+    out["max |difference| from its scaling of medcam's raw map"] = float(
+        np.abs(scaled - theirs).max()
+    )
+    return out
+
+
+def run_model(
+    index, name, net, layer, x, num_classes, args, device, pgc, captum, suite="cnn"
+) -> dict:
     net = net.to(device).eval()
     x = x.to(device)
-    cases = build_cases(net, layer, x, num_classes, pgc, captum)
+    cases = build_cases(net, layer, x, num_classes, pgc, captum, suite)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peaks: dict[str, int] = {}
     for case, fn in cases.items():  # warm-up round, which also measures memory
@@ -236,8 +380,8 @@ def run_model(index, name, net, layer, x, num_classes, args, device, pgc, captum
             del out
         print(f"  {name}: round {r + 1}/{args.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    fb = med["forward+backward (param grads)"]
-    fg = med["forward with graph"]
+    fb = med.get("forward+backward (param grads)", float("nan"))
+    fg = med.get("forward with graph", med["forward (no grad)"])
     rows = [
         {
             "case": k,
@@ -249,6 +393,23 @@ def run_model(index, name, net, layer, x, num_classes, args, device, pgc, captum
         }
         for k in cases
     ]
+    if suite != "cnn":
+        return {
+            "suite": suite,
+            "model": name,
+            "layer": layer,
+            "input_shape": list(x.shape),
+            "feature_shape": list(
+                medcam.explain(
+                    net, x, 0, layers=layer, output=0 if suite == "transformer" else None
+                ).feature_shapes[layer]
+            ),
+            "num_classes": num_classes,
+            "rounds": args.rounds,
+            "rows": rows,
+            "summary": extra_summary(suite, med, num_classes, pgc),
+            "agreement_r_with_medcam": agreement_extra(suite, net, layer, x, pgc),
+        }
     mc1, mck = med["medcam 1 class"], med[f"medcam {num_classes} classes"]
     summary = {
         "medcam_all_classes_over_forward_with_graph": mck / fg,
@@ -273,13 +434,36 @@ def run_model(index, name, net, layer, x, num_classes, args, device, pgc, captum
     }
 
 
+def extra_summary(suite: str, med: dict, k: int, pgc) -> dict[str, float]:
+    if suite == "scorecam":
+        out = {"medcam_scorecam_1_class_s": med["medcam Score-CAM 1 class"]}
+        if pgc is not None:
+            out["pytorch_grad_cam_over_medcam_1_class"] = (
+                med["pytorch-grad-cam ScoreCAM 1 class"] / med["medcam Score-CAM 1 class"]
+            )
+        return out
+    out = {
+        "medcam_all_classes_over_forward_with_graph": med[f"medcam {k} classes"]
+        / med["forward with graph"]
+    }
+    if pgc is not None:
+        out["pytorch_grad_cam_over_medcam_1_class"] = (
+            med["pytorch-grad-cam 1 class"] / med["medcam 1 class"]
+        )
+        out[f"pytorch_grad_cam_over_medcam_{k}_classes"] = (
+            med[f"pytorch-grad-cam {k} classes (batched input)"] / med[f"medcam {k} classes"]
+        )
+    return out
+
+
 def to_markdown(report: dict) -> str:
     lines = [
         f"# Engine benchmark ({report['device']})",
         "",
         f"{report['when']}; torch {report['torch']}, monai {report['monai']}, "
         f"{report['threads']} threads; pytorch-grad-cam: {report['pytorch_grad_cam']}; "
-        f"captum: {report['captum']}. Medians of {report['rounds']} interleaved rounds after a "
+        f"captum: {report['captum']}; machine load: {report.get('load', 'not recorded')}. "
+        f"Medians of {report['rounds']} interleaved rounds after a "
         "warm-up round. Peak memory: growth during one call (CUDA: allocator peak above the "
         "allocation before the call; CPU: peak RSS growth in a fresh process that builds the "
         "models, then runs the case once).",
@@ -303,12 +487,12 @@ def to_markdown(report: dict) -> str:
         lines += ["", "| summary | value |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.2f} |" for k, v in model["summary"].items()]
         agree = dict(model["agreement_r_with_medcam"])
-        lines += [
-            "",
-            f"Agreement with medcam's map (Pearson r, full resolution, sample 0, predicted class "
-            f"{agree.pop('class')}):",
-            "",
-        ]
+        cls = agree.pop("class")
+        if model.get("suite", "cnn") == "cnn":
+            what = f"Pearson r, full resolution, sample 0, predicted class {cls}"
+        else:
+            what = f"pytorch-grad-cam, sample 0, class {cls}"
+        lines += ["", f"Agreement with medcam's map ({what}):", ""]
         lines += [f"- {k}: {'constant map' if v is None else f'{v:.4f}'}" for k, v in agree.items()]
         lines.append("")
     return "\n".join(lines)
@@ -321,19 +505,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96, help="3D input edge length")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--quick", action="store_true", help="3D model only")
+    parser.add_argument("--quick", action="store_true", help="3D model only (cnn suite)")
+    parser.add_argument("--suite", default="cnn,scorecam,transformer",
+                        help="comma-separated: cnn, scorecam, transformer")  # fmt: skip
     parser.add_argument("--one-case", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.argv = ["--size", str(args.size), "--batch", str(args.batch), "--device", args.device]
     args.argv += ["--quick"] if args.quick else []
+    args.argv += ["--suite", args.suite]
     device = torch.device(args.device)
     pgc, pgc_note = import_pytorch_grad_cam()
     captum = import_captum()
     models = make_models(args)
     if args.one_case:
         index, case = int(args.one_case[0]), args.one_case[1]
-        name, net, layer, x, k = models[index]
-        fn = build_cases(net.eval(), layer, x, k, pgc, captum)[case]
+        suite, name, net, layer, x, k = models[index]
+        fn = build_cases(net.eval(), layer, x, k, pgc, captum, suite)[case]
         before = peak_rss()
         fn()
         print(peak_rss() - before)
@@ -351,39 +538,93 @@ def main() -> None:
         "pytorch_grad_cam": pgc_note,
         "captum": "installed" if captum else "not installed",
         "rounds": args.rounds,
+        "load": "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) at the start".format(
+            *os.getloadavg()
+        ),
         "models": [],
     }
-    for index, (name, net, layer, x, k) in enumerate(models):
-        print(f"{name} {tuple(x.shape)} layer {layer} on {device}", flush=True)
-        result = run_model(index, name, net, layer, x, k, args, device, pgc, captum)
+    for index, (suite, name, net, layer, x, k) in enumerate(models):
+        print(f"[{suite}] {name} {tuple(x.shape)} layer {layer} on {device}", flush=True)
+        result = run_model(index, name, net, layer, x, k, args, device, pgc, captum, suite)
         report["models"].append(result)
+    report["load_end"] = "load average {:.1f} / {:.1f} / {:.1f} at the end".format(*os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"engine_{device.type}" + (f"_b{args.batch}" if args.batch != 1 else "")
+    if set(args.suite.split(",")) != set(SUITES):
+        stem += "_" + args.suite.replace(",", "-")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     md = to_markdown(report)
     (args.out / f"{stem}.md").write_text(md)
     print(md)
 
 
+SUITES = ("cnn", "scorecam", "transformer")
+
+
 def make_models(args: argparse.Namespace) -> list[tuple]:
-    """(name, network, layer, input, num_classes) for each benchmarked model, seeded."""
-    torch.manual_seed(0)
-    models = [
-        (
-            "MONAI DenseNet121 3D",
-            DenseNet121(spatial_dims=3, in_channels=1, out_channels=2),
-            "class_layers.relu",
-            torch.randn(args.batch, 1, args.size, args.size, args.size),
-            2,
-        )
-    ]
-    if not args.quick:
+    """(suite, name, network, layer, input, num_classes) for each benchmarked model, seeded."""
+    suites = args.suite.split(",")
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
+    models = []
+    if "cnn" in suites:
+        torch.manual_seed(0)
         models.append(
             (
+                "cnn",
+                "MONAI DenseNet121 3D",
+                DenseNet121(spatial_dims=3, in_channels=1, out_channels=2),
+                "class_layers.relu",
+                torch.randn(args.batch, 1, args.size, args.size, args.size),
+                2,
+            )
+        )
+        if not args.quick:
+            models.append(
+                (
+                    "cnn",
+                    "MONAI ResNet18 2D",
+                    resnet18(spatial_dims=2, n_input_channels=1, num_classes=2),
+                    "layer4",
+                    torch.randn(args.batch, 1, 224, 224),
+                    2,
+                )
+            )
+    if "scorecam" in suites:
+        torch.manual_seed(0)
+        models.append(
+            (
+                "scorecam",
                 "MONAI ResNet18 2D",
                 resnet18(spatial_dims=2, n_input_channels=1, num_classes=2),
-                "layer4",
-                torch.randn(args.batch, 1, 224, 224),
+                "layer2",  # 128 channels: 128 masked forward passes per sample
+                torch.randn(args.batch, 1, 64, 64),
+                2,
+            )
+        )
+    if "transformer" in suites:
+        from monai.networks.nets import ViT
+
+        torch.manual_seed(0)
+        models.append(
+            (
+                "transformer",
+                "MONAI ViT 3D (12 blocks, hidden 384, patch 16)",
+                ViT(
+                    in_channels=1,
+                    img_size=(96, 96, 96),
+                    patch_size=16,
+                    hidden_size=384,
+                    mlp_dim=1536,
+                    num_layers=12,
+                    num_heads=6,
+                    classification=True,
+                    num_classes=2,
+                    spatial_dims=3,
+                ),
+                "blocks.11.norm1",  # the last attention's input (pytorch-grad-cam's advice)
+                torch.randn(args.batch, 1, 96, 96, 96),
                 2,
             )
         )

@@ -25,6 +25,7 @@ from medcam.errors import (
     MedcamError,
     ModelError,
     OutputError,
+    PacsError,
     TargetError,
 )
 from medcam.io import Scan, load_scan
@@ -43,6 +44,7 @@ __all__ = [
     "MedcamError",
     "ModelError",
     "OutputError",
+    "PacsError",
     "PredictedClass",
     "Scan",
     "ScanExplanation",

@@ -26,43 +26,100 @@ def _model_options(f):
 
 
 def _window_options(f):
-    f = click.option("--overlap", type=float, default=0.25, show_default=True,
-                     help="Sliding-window overlap.")(f)  # fmt: skip
-    f = click.option("--sw-batch-size", type=int, default=1, show_default=True,
-                     help="Windows per forward pass.")(f)  # fmt: skip
+    f = click.option("--overlap", type=float, default=None,
+                     help="Sliding-window overlap (default: the bundle's, else 0.25).",
+                     )(f)  # fmt: skip
+    f = click.option("--sw-batch-size", type=int, default=None,
+                     help="Windows per forward pass without gradients (default: the bundle's, "
+                     "else 1).")(f)  # fmt: skip
     f = click.option("--roi-size", help="Explain in sliding windows of this size, e.g. "
-                     "96,96,96 (fully convolutional networks on large volumes).")(f)  # fmt: skip
+                     "96,96,96 (default: a --bundle's own SlidingWindowInferer; without one, the "
+                     "whole volume).")(f)  # fmt: skip
     return f
 
 
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
 def _run(fn):
-    """Call ``fn``; a MedcamError becomes a one-line message and exit status 2."""
+    """Call ``fn``; any failure becomes one line on stderr and a non-zero exit status.
+
+    A :class:`MedcamError` (bad input, configuration, an output that cannot be written) exits
+    with 2; anything else (a bug, or a case medcam does not handle yet) with 1. ``medcam
+    --debug`` (or ``MEDCAM_DEBUG=1``) shows the traceback instead.
+    """
     try:
         return fn()
+    except KeyboardInterrupt:
+        click.echo("medcam: interrupted", err=True)
+        sys.exit(130)
     except MedcamError as err:
+        if _debug():
+            raise
         click.echo(f"medcam: error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:
+        if _debug():
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        click.echo(f"medcam: error: {err.strerror or err}{where}. Check the path, free space "
+                   "and permissions; rerun with --debug for the traceback.", err=True)  # fmt: skip
+        sys.exit(2)
+    except Exception as err:
+        if _debug():
+            raise
+        click.echo(f"medcam: error: unexpected {type(err).__name__}: {err}. This is a bug or a "
+                   "case medcam does not handle yet: rerun with --debug for the traceback and "
+                   "report it.", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medcam-monai")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="MEDCAM_DEBUG",
+              help="Show the full traceback of an error (also MEDCAM_DEBUG=1).")  # fmt: skip
+def main(debug: bool) -> None:
     """Explain 2D/3D medical-imaging CNNs; heatmaps back in the original scan space."""
 
 
+def _pacs_options(f):
+    f = click.option("--move-port", type=int, default=None,
+                     help="With --retrieve move: the local port the PACS sends to.")(f)  # fmt: skip
+    f = click.option("--retrieve", type=click.Choice(["get", "move"]), default="get",
+                     show_default=True, help="DIMSE: fetch with C-GET or C-MOVE.")(f)  # fmt: skip
+    f = click.option("--ae-title", default="MEDCAM", show_default=True,
+                     help="medcam's own DICOM AE title (DIMSE).")(f)  # fmt: skip
+    f = click.option("--store-to", metavar="ADDRESS", help="Store the DICOM results here instead: "
+                     "dicomweb+http(s)://..., dimse://AET@host:port or a folder.")(f)  # fmt: skip
+    f = click.option("--store", is_flag=True, help="Store the DICOM results (PM/SEG/SC) back into "
+                     "the source study on the same server.")(f)  # fmt: skip
+    f = click.option("--series-description", metavar="REGEX",
+                     help="Only series whose SeriesDescription matches.")(f)  # fmt: skip
+    f = click.option("--modality", "modalities", multiple=True,
+                     help="Only series of this modality (repeat for several).")(f)  # fmt: skip
+    f = click.option("--series", "series_uids", multiple=True,
+                     help="Only this SeriesInstanceUID (repeat for several).")(f)  # fmt: skip
+    f = click.option("--study", help="StudyInstanceUID to explain (server inputs).")(f)
+    return f
+
+
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (optional for a server input with --store).")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True,
-              help="Target layer name (repeat for several) or auto.")  # fmt: skip
+              help="Target layer name (repeat for several), auto (the default rule: see "
+              "`medcam layers`) or last (the deepest feature layer alone).")  # fmt: skip
 @click.option("--method", default="auto", show_default=True,
               help="auto (Grad-CAM for classifiers, LayerCAM for segmenters), gradcam, "
               "gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
 @click.option("--target", default="pred", show_default=True,
               help="pred, all, a class index, 1,2 or seg:1 (segmentation class).")  # fmt: skip
-@click.option("--format", "formats", default="nifti,png,json", show_default=True,
-              help=FORMATS_HELP)  # fmt: skip
+@click.option("--format", "formats", default=None, help=FORMATS_HELP + " Default: nifti,png,json; "
+              "dicom-pm,dicom-seg,dicom-sc when storing to a server.")  # fmt: skip
 @click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none",
               show_default=True)  # fmt: skip
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None,
@@ -73,24 +130,185 @@ def main() -> None:
     help="Name outputs after the input (may expose identifiers); default: a hash.",
 )
 @_window_options
+@_pacs_options
 def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
-            formats, normalize, fusion, name_from_input, roi_size, sw_batch_size,
-            overlap) -> None:  # fmt: skip
-    """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases)."""
+            formats, normalize, fusion, name_from_input, roi_size, sw_batch_size, overlap,
+            study, series_uids, modalities, series_description, store, store_to, ae_title,
+            retrieve, move_port) -> None:  # fmt: skip
+    """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases), or a study
+    on a DICOM server: dicomweb+http(s)://host:port/dicom-web or dimse://AET@host:port with
+    --study UID (see docs/pacs.md; credentials come from MEDCAM_DICOMWEB_* variables)."""
     from tqdm import tqdm
 
+    from medcam.pacs import is_remote
     from medcam.runner import explain_inputs, load_model, parse_target, parse_window
 
     def work():
+        remote = [i for i in inputs if is_remote(i)]
+        if remote:
+            _explain_remote(inputs, out, dict(
+                bundle=bundle, model=model_spec, weights=weights, preprocess=preprocess,
+                device=device), layers, method, target, formats, normalize, fusion,
+                parse_window(roi_size, sw_batch_size, overlap), study, series_uids, modalities,
+                series_description, store, store_to, ae_title, retrieve, move_port)  # fmt: skip
+            return
+        if study or series_uids or modalities or series_description or store or store_to:
+            raise MedcamError("--study, --series, --modality, --series-description, --store and "
+                              "--store-to are for server inputs (dicomweb+http://..., "
+                              "dimse://...).")  # fmt: skip
+        if out is None:
+            raise MedcamError("Give the output folder: --out DIR.")
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
         layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        fmt = formats or "nifti,png,json"
         explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
-                       target=parse_target(target), formats=[f.strip() for f in formats.split(",")],
+                       target=parse_target(target), formats=[f.strip() for f in fmt.split(",")],
                        normalize=normalize, fusion=fusion, name_from_input=name_from_input,
                        window=parse_window(roi_size, sw_batch_size, overlap),
                        progress=lambda it: tqdm(it, desc="cases", unit="case"),
                        log=tqdm.write)  # fmt: skip
+
+    _run(work)
+
+
+def _pacs_formats(formats: str | None, storing: bool, out) -> list[str]:
+    from medcam.pipeline import PACS_FORMATS
+    from medcam.writers.registry import get_format
+
+    if formats is None:
+        return list(PACS_FORMATS) if storing else ["nifti", "png", "json"]
+    chosen = [f.strip() for f in formats.split(",") if f.strip()]
+    local = [f for f in chosen if get_format(f).needs == "any"]
+    if storing and len(local) == len(chosen):
+        raise MedcamError(f"--store sends DICOM results, but --format {formats} has none; add "
+                          "dicom-pm, dicom-seg or dicom-sc.")  # fmt: skip
+    if local and out is None:
+        raise MedcamError(f"{', '.join(local)} would only be written locally: give --out DIR or "
+                          "drop them from --format.")  # fmt: skip
+    return chosen
+
+
+def _settings(layers, method, target, formats, normalize, fusion, window):
+    from medcam.pipeline import ExplainSettings
+    from medcam.runner import parse_target
+
+    layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+    return ExplainSettings(layers=layer_arg, method=method, target=parse_target(target),
+                           formats=formats, normalize=normalize, fusion=fusion,
+                           window=window)  # fmt: skip
+
+
+def _explain_remote(inputs, out, model_args, layers, method, target, formats, normalize, fusion,
+                    window, study, series_uids, modalities, series_description, store, store_to,
+                    ae_title, retrieve, move_port) -> None:  # fmt: skip
+    """``medcam explain dicomweb+http://... --study UID``: fetch, explain, store back."""
+    from medcam.pipeline import Pipeline, explain_study
+    from medcam.runner import load_model
+    from medcam.sinks import open_sink
+    from medcam.sources import SeriesFilter, open_source
+
+    if len(inputs) != 1:
+        raise MedcamError("Give one server address per run (and the study with --study).")
+    if not study:
+        raise MedcamError("Give the study to explain: --study StudyInstanceUID.")
+    if store and store_to:
+        raise MedcamError("Give --store (back to the source) or --store-to ADDRESS, not both.")
+    storing = bool(store or store_to)
+    if not storing and out is None:
+        raise MedcamError("Nothing would be kept: give --store (results back into the study), "
+                          "--store-to ADDRESS or --out DIR.")  # fmt: skip
+    chosen = _pacs_formats(formats, storing, out)
+    options = {"calling_ae": ae_title, "retrieve": retrieve, "move_port": move_port}
+    series_filter = SeriesFilter(series_uids, modalities, series_description)
+    source = open_source(inputs[0], **options)
+    sinks = [open_sink(store_to or inputs[0], **options)] if storing else []
+    source.check()  # server, credentials, AE title: before the model is loaded
+    for sink in sinks:
+        sink.check()
+    spec = load_model(**model_args)
+    settings = _settings(layers, method, target, chosen, normalize, fusion, window)
+    pipeline = Pipeline(spec, settings, sinks, log=click.echo)
+    records = explain_study(source, study, pipeline, out=out, series_filter=series_filter)
+    done = sum(r["status"] == "done" for r in records)
+    click.echo(f"{done} series explained, {len(records) - done} skipped"
+               + (f"; results stored to {sinks[0].address}" if sinks else "")
+               + (f"; case folders in {out}" if out else ""))  # fmt: skip
+
+
+@main.command()
+@click.option(
+    "--store-to",
+    required=True,
+    metavar="ADDRESS",
+    help="Where results go: dicomweb+http(s)://host:port/dicom-web, dimse://AET@host:port or a "
+    "folder.",
+)
+@click.option("--ae-title", default="MEDCAM", show_default=True, help="This node's AE title.")
+@click.option("--port", type=int, default=11112, show_default=True, help="DICOM port to listen on.")
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--allow-ae", "allowed", multiple=True,
+              help="Calling AE title allowed to send (repeat; default: any).")  # fmt: skip
+@click.option("--state", default="medcam-node", show_default=True,
+              type=click.Path(file_okay=False), help="Journal, received series and results "
+              "not yet delivered (keep it on a local disk).")  # fmt: skip
+@click.option("--quiet-period", type=float, default=10.0, show_default=True,
+              help="Seconds without a new instance after which a series is complete.")  # fmt: skip
+@click.option("--max-series", type=int, default=16, show_default=True,
+              help="Series waiting or running at once; more are refused.")  # fmt: skip
+@click.option("--max-attempts", type=int, default=10, show_default=True,
+              help="Delivery attempts per series before it is marked failed.")  # fmt: skip
+@click.option("--keep", is_flag=True, help="Keep received series and results after delivery.")
+@click.option("--status", "show_status", is_flag=True,
+              help="Print the journal's job counts and failures, then exit.")  # fmt: skip
+@_model_options
+@click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
+@click.option("--method", default="auto", show_default=True)
+@click.option("--target", default="pred", show_default=True)
+@click.option("--format", "formats", default="dicom-pm,dicom-seg,dicom-sc", show_default=True,
+              help=FORMATS_HELP)  # fmt: skip
+@click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none")
+@click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
+@_window_options
+def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_series,
+           max_attempts, keep, show_status, bundle, model_spec, weights, preprocess, device,
+           layers, method, target, formats, normalize, fusion, roi_size, sw_batch_size,
+           overlap) -> None:  # fmt: skip
+    """Run as an AI node: receive series by C-STORE, explain each complete series, store the
+    results (see docs/pacs.md)."""
+    import datetime
+
+    from medcam.listen import Journal, Listener
+    from medcam.pipeline import Pipeline
+    from medcam.runner import load_model, parse_window
+    from medcam.sinks import open_sink
+
+    def log(message: str) -> None:
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        click.echo(f"{stamp} {message}", err=True)
+
+    def work():
+        if show_status:
+            journal = Journal(Path(state) / "journal.sqlite3")
+            counts = journal.counts()
+            click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs")
+            for job in journal.jobs():
+                if job["state"] == "failed":
+                    click.echo(f"  failed: series ...{job['series_uid'][-12:]} (job {job['key']}): "
+                               f"{job['error']}")  # fmt: skip
+            return
+        chosen = [f.strip() for f in formats.split(",") if f.strip()]
+        sink = open_sink(store_to, calling_ae=ae_title)
+        sink.check()  # destination and credentials before the model is loaded
+        spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                          preprocess=preprocess, device=device)  # fmt: skip
+        settings = _settings(layers, method, target, chosen, normalize, fusion,
+                             parse_window(roi_size, sw_batch_size, overlap))  # fmt: skip
+        pipeline = Pipeline(spec, settings, [sink], log=log)
+        node = Listener(pipeline, state, ae_title=ae_title, port=port, host=bind,
+                        quiet_period=quiet_period, max_series=max_series, allowed_callers=allowed,
+                        max_attempts=max_attempts, keep=keep, log=log)  # fmt: skip
+        node.serve_forever()
 
     _run(work)
 
@@ -106,16 +324,16 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     default (--layer auto) explains and why."""
     import torch
 
-    from medcam.engine.auto import auto_choice
+    from medcam.engine.auto import auto_choice, auto_method
     from medcam.engine.layers import check_hookable, model_device, trace_layers
     from medcam.errors import LayerError
-    from medcam.runner import load_model
+    from medcam.runner import load_model, parse_size
 
     def work():
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
         if input_size:
-            shape = (in_channels or 1, *[int(v) for v in input_size.split(",")])
+            shape = (in_channels or 1, *parse_size(input_size))
         elif spec.input_shape:
             shape = (in_channels or spec.input_shape[0], *spec.input_shape[1:])
         else:
@@ -131,8 +349,11 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         chosen = choice.layers if choice else []
         click.echo(f"{'layer':60s} {'type':24s} output shape")
         for info in infos:
-            if info.is_candidate or show_all:
-                mark = "" if info.is_candidate else "  (not a target)"
+            target = info.is_candidate or info.is_token_layer
+            if target or show_all:
+                mark = "" if target else "  (not a target)"
+                if info.layout in ("tokens", "channels_last") and target:
+                    mark = f"  ({info.layout}, grid {info.grid})"
                 mark += "  <- default" if info.name in chosen else ""
                 click.echo(f"{info.name:60s} {info.type:24s} {info.output_shape}{mark}")
         if choice is None:
@@ -141,6 +362,9 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         fused = f", {choice.fusion} fusion" if choice.fusion else ""
         click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
         click.echo(f"  why: {choice.rule}")
+        if out_shape is not None:
+            why_method = auto_method(out_shape)[1].removeprefix("auto: ")
+            click.echo(f"  method (--method auto): {why_method}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 
     _run(work)
@@ -154,9 +378,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     type=click.Path(exists=True, dir_okay=False),
     help="CSV with columns scan, heatmap (optional), date (optional), label (optional).",
 )
-@click.option(
-    "--dates", help="Comma-separated YYYY-MM-DD, one per VISIT (default: DICOM StudyDate)."
-)
+@click.option("--dates", help="Comma-separated dates, one per VISIT, YYYY-MM-DD or YYYYMMDD "
+              "(default: DICOM StudyDate).")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
 @click.option("--method", default="auto", show_default=True)
@@ -171,24 +394,41 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     "--threshold",
     type=float,
     default=None,
-    help="Activation threshold in heatmap units (default: half the baseline maximum).",
+    help="Activation threshold in heatmap units (default: --threshold-fraction x the maximum "
+    "over all visits).",
 )
+@click.option("--threshold-fraction", type=float, default=0.5, show_default=True,
+              help="Default threshold as a fraction of the maximum over all visits.")  # fmt: skip
+@click.option("--format", "formats", default=None,
+              help="Comma-separated outputs: nifti, dicom-pm, png (difference maps), dicom-sr "
+              "(SEG + TID 1500 SR per visit), csv, json, html. Default: all that apply (DICOM "
+              "ones for DICOM visits).")  # fmt: skip
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 2, nothing written) when a registration or threshold is "
+              "outside the stated limits, instead of flagging it.")  # fmt: skip
 @click.option("--mr", is_flag=True, help="MR (no CT body threshold; Otsu mask instead).")
 def compare(visits, out, manifest, dates, bundle, model_spec, weights, preprocess, device, layers,
-            method, target, registration, threshold, mr) -> None:  # fmt: skip
+            method, target, registration, threshold, threshold_fraction, formats, strict,
+            mr) -> None:  # fmt: skip
     """Compare one patient's heatmaps across VISITS (scan files/folders) or a --manifest."""
     from medcam.longitudinal import compare as run_compare
+    from medcam.longitudinal.report import finding_summary, summary_findings, visit_summary
+    from medcam.longitudinal.timepoint import parse_date
     from medcam.runner import load_model, load_timepoints, parse_target, read_manifest
 
     def work():
         if bool(manifest) == bool(visits):
             raise MedcamError("Give the visits as arguments or as --manifest, not both or none.")
+        fmt = None if formats is None else [f.strip() for f in formats.split(",") if f.strip()]
         if manifest:
             entries = read_manifest(manifest)
         else:
-            date_list = dates.split(",") if dates else [None] * len(visits)
+            date_list = [d.strip() for d in dates.split(",")] if dates else [None] * len(visits)
             if len(date_list) != len(visits):
                 raise MedcamError(f"{len(date_list)} --dates for {len(visits)} visits.")
+            for v, d in zip(visits, date_list, strict=True):
+                if d is not None:
+                    parse_date(d, Path(v).name)  # a bad date fails before any model runs
             entries = [{"scan": v, "date": d} for v, d in zip(visits, date_list, strict=True)]
         spec = None
         if bundle or model_spec:
@@ -197,15 +437,23 @@ def compare(visits, out, manifest, dates, bundle, model_spec, weights, preproces
         layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
         tps = load_timepoints(entries, spec, layers=layer_arg, method=method,
                               target=parse_target(target))  # fmt: skip
-        result = run_compare(tps, registration=registration, threshold=threshold, out=out,
-                             body_threshold=None if mr else -500.0)  # fmt: skip
+        result = run_compare(tps, registration=registration, threshold=threshold,
+                             threshold_fraction=threshold_fraction, out=out, formats=fmt,
+                             strict=strict, body_threshold=None if mr else -500.0)  # fmt: skip
+        click.echo(f"threshold: {result.threshold_rule}")
         for row in result.rows:
-            click.echo(
-                f"{row['date']} (day {row['days']:4d}): activated {row['volume_ml']:.2f} mL "
-                f"({row['volume_change_pct']:+.1f} %), centroid shift "
-                f"{row['centroid_shift_mm']:.2f} mm, Dice {row['dice']:.2f}"
-            )
-        click.echo(f"report: {Path(out) / 'report.html'}")
+            click.echo(visit_summary(row))
+        shown = summary_findings(result)
+        for finding in shown:
+            click.echo(finding_summary(finding, result))
+        if len(shown) < len(result.findings):
+            click.echo(f"{len(result.findings) - len(shown)} smaller finding(s): see the report")
+        if not result.findings:
+            click.echo("no finding above the threshold at any visit")
+        if result.flags:
+            click.echo(f"{len(result.flags)} flag(s): check the report before using these numbers")
+        if result.outputs.get("html"):
+            click.echo(f"report: {result.outputs['html'][0]}")
 
     _run(work)
 

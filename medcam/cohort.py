@@ -1,11 +1,13 @@
 """Cohort runs: a manifest of cases, sharded over ranks, resumable, never duplicated.
 
 Each rank takes a deterministic, disjoint slice of the manifest (cases sorted by id, every
-N-th from the rank's index; no padding, so no case runs twice). Every case writes its outputs
-atomically into its own folder and its status record ``medcam.json`` **last**: a case counts as
-done only when that record says "done" with the same configuration hash. A rerun skips done
-cases and redoes failed, partial (outputs without a record) or reconfigured ones; an error in one
-case is recorded and the rank moves on.
+N-th from the rank's index; no padding, so no case runs twice). Every case is one transaction:
+its outputs and its status record ``medcam.json`` are staged in a hidden folder and appear
+together with one rename, replacing the case's previous folder as a whole (so a rerun with other
+settings never leaves the earlier run's files beside the new ones). A case counts as done only
+when its record says "done" with the same configuration hash. A rerun skips done cases and redoes
+failed or reconfigured ones; an error in one case is recorded (the case folder then holds only
+its record) and the rank moves on.
 
 Ranks come from ``--shard i/N``, else torchrun (``RANK``/``WORLD_SIZE``), else a SLURM array
 (``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``) or ``srun``
@@ -145,6 +147,11 @@ def _record(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _write_record(stage: OutputDir, record: dict[str, Any]) -> None:
+    text = json.dumps(record, indent=2)
+    stage.write_file(STATUS_FILE, lambda p: p.write_text(text))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
@@ -152,7 +159,7 @@ def _now() -> str:
 def run_cohort(
     cases: Sequence[Case],
     out: str | Path,
-    process: Callable[[Case, Path], list[Path]],
+    process: Callable[[Case, OutputDir], list[Path]],
     *,
     config: dict[str, Any],
     rank: int = 0,
@@ -160,7 +167,8 @@ def run_cohort(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
-    """Run ``process(case, case_folder) -> written paths`` over this rank's cases.
+    """Run ``process(case, stage) -> written paths`` over this rank's cases; ``stage`` is the
+    case's staging :class:`~medcam.io.output.OutputDir` (paths reported as final paths).
 
     Returns counts ``{"done", "skipped", "failed"}`` for this rank.
     """
@@ -182,22 +190,24 @@ def run_cohort(
         if previous and previous.get("status") == "done" and previous.get("config_hash") == digest:
             counts["skipped"] += 1
             continue
-        folder.mkdir(parents=True, exist_ok=True)
         started = _now()
         record: dict[str, Any] = {"case_id": case.case_id, "config_hash": digest, "rank": rank,
                                   "world": world, "started": started}  # fmt: skip
-        try:
-            written = process(case, folder)
-            record.update(status="done", outputs=[str(p.relative_to(folder)) for p in written])
+        try:  # outputs and status record are one transaction: all appear, or none
+            with root.case(case.case_id) as stage:
+                written = process(case, stage)
+                record.update(status="done", finished=_now(),
+                              outputs=[str(p.relative_to(folder)) for p in written])  # fmt: skip
+                _write_record(stage, record)
             counts["done"] += 1
+            continue
         except Exception as err:  # recorded; the rank moves on to its next case
             record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc(limit=5))  # fmt: skip
+                          traceback=traceback.format_exc(limit=5), finished=_now())  # fmt: skip
             counts["failed"] += 1
             log(f"[rank {rank}] {case.case_id} failed: {type(err).__name__}: {err}")
-        record["finished"] = _now()
-        text = json.dumps(record, indent=2)
-        OutputDir(folder).write_file(STATUS_FILE, lambda p, t=text: p.write_text(t))
+        with root.case(case.case_id) as stage:  # a failed run leaves only its record
+            _write_record(stage, record)
     return counts
 
 

@@ -88,7 +88,7 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
     scan = load_scan(out / "inputs" / "dicom")
     cls_ex = explain_scan(clf, scan, preprocess=demo_preprocess(), target="pred")
     every_format = ["nifti", "dicom-pm", "dicom-seg", "dicom-sc", "png", "json"]
-    written = write_outputs(cls_ex, out / "classifier", every_format, model=clf, case="demo")
+    written = write_outputs(cls_ex, out, every_format, model=clf, case="classifier")
     probs = cls_ex.probabilities() or [float("nan")]
     cls_dist = _peak_distance_mm(cls_ex.heatmap[0].cpu().numpy(), scan.affine_lps, lesion)
 
@@ -100,8 +100,8 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
     # volume-averaged channel weights do not (docs/bundles.md)
     seg_ex = explain_scan(seg, nii_scan, preprocess=demo_preprocess(), method="layercam",
                           target=SegmentationTarget(1))  # fmt: skip
-    seg_written = write_outputs(seg_ex, out / "segmenter", ["nifti", "png", "json"], model=seg,
-                                case="demo")  # fmt: skip
+    seg_written = write_outputs(seg_ex, out, ["nifti", "png", "json"], model=seg,
+                                case="segmenter")  # fmt: skip
     seg_dist = _peak_distance_mm(seg_ex.heatmap[0].cpu().numpy(), nii_scan.affine_lps, lesion)
     summary = {
         "out": str(out.resolve()),

@@ -12,6 +12,7 @@ __all__ = [
     "MedcamError",
     "ModelError",
     "OutputError",
+    "PacsError",
     "TargetError",
 ]
 
@@ -41,3 +42,9 @@ class InputError(MedcamError, ValueError):
 
 class OutputError(MedcamError, OSError):
     """An output cannot be written (folder not writable, would replace an input file, ...)."""
+
+
+class PacsError(MedcamError):
+    """A DICOM server (PACS, DICOMweb or DIMSE) is unreachable, refuses the credentials or an
+    operation, or went away mid-transfer. Nothing of the job is marked done: a retry completes
+    it (derived objects keep their UIDs, so nothing is stored twice)."""

@@ -20,8 +20,11 @@ __all__ = [
     "cohort_processor",
     "expand_inputs",
     "explain_inputs",
+    "inference_options",
+    "input_kind",
     "load_model",
     "load_timepoints",
+    "parse_size",
     "parse_target",
     "parse_window",
     "read_manifest",
@@ -46,12 +49,19 @@ def _import_object(spec: str, what: str) -> Any:
 
 @dataclass
 class ModelSpec:
-    """A network plus the preprocessing that makes its input, ready to explain."""
+    """A network plus the preprocessing that makes its input, ready to explain.
+
+    ``inferer`` is how the network is run for inference (a bundle's sliding window, else
+    ``None``: the whole input); ``expect`` what input it takes
+    (:class:`medcam.engine.inferer.InputSpec`), checked before the model runs.
+    """
 
     network: torch.nn.Module
     preprocess: Any
     source: str
     input_shape: tuple[int, ...] | None = None
+    inferer: Any = None
+    expect: Any = None
 
 
 def load_model(
@@ -74,9 +84,8 @@ def load_model(
         from medcam.bundle import load_bundle
 
         b = load_bundle(bundle, device)
-        return ModelSpec(
-            b.network, pre or b.preprocess, f"bundle {Path(bundle).name}", b.input_shape()
-        )
+        return ModelSpec(b.network, pre or b.preprocess, f"bundle {Path(bundle).name}",
+                         b.input_shape(), b.inferer, b.expect)  # fmt: skip
     factory = _import_object(model, "--model")
     network = factory()
     if not isinstance(network, torch.nn.Module):
@@ -92,15 +101,65 @@ def load_model(
     return ModelSpec(network.to(device).eval(), pre, model)
 
 
-def parse_window(roi_size: str | None, sw_batch_size: int = 1, overlap: float = 0.25):
-    """Sliding-window options from ``--roi-size 96,96,96`` (``None`` without it)."""
-    if not roi_size:
-        return None
+def parse_size(text: str, option: str = "--input-size", example: str = "96,96,96") -> list[int]:
+    """``"96,96,96"`` -> ``[96, 96, 96]``: 2 or 3 positive integers, else a clear error."""
     try:
-        size = [int(v) for v in roi_size.split(",")]
+        size = [int(v) for v in str(text).split(",")]
     except ValueError:
-        raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+        raise MedcamError(
+            f"{option} {text!r} must be 2 or 3 positive integers separated by commas, e.g. "
+            f"{example}."
+        ) from None
+    if not 2 <= len(size) <= 3 or min(size) < 1:
+        raise MedcamError(
+            f"{option} {text!r} must be 2 or 3 positive integers (one per spatial axis), e.g. "
+            f"{example}."
+        )
+    return size
+
+
+def parse_window(
+    roi_size: str | None, sw_batch_size: int | None = None, overlap: float | None = None
+) -> dict[str, Any] | None:
+    """Sliding-window options from the command line (``--roi-size 96,96,96``, ...); ``None``
+    where none is given. They override a bundle's own inferer settings (see
+    :func:`inference_options`)."""
+    size = None
+    if roi_size:
+        try:
+            size = [int(v) for v in roi_size.split(",")]
+        except ValueError:
+            raise MedcamError(f"--roi-size {roi_size!r} must look like 96,96,96.") from None
+    if size is None and sw_batch_size is None and overlap is None:
+        return None
     return {"roi_size": size, "sw_batch_size": sw_batch_size, "overlap": overlap}
+
+
+def inference_options(spec: ModelSpec, window: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for :func:`medcam.explain_scan`: the inferer to follow (the model's
+    own, e.g. a bundle's sliding window, with ``window``'s overrides) and the input check."""
+    from dataclasses import replace
+
+    from medcam.engine.sliding import SlidingWindow
+
+    inferer = spec.inferer
+    window = window or {}
+    if window.get("roi_size"):
+        base = inferer if inferer is not None else SlidingWindow(tuple(window["roi_size"]),
+                                                                 mode="gaussian")  # fmt: skip
+        inferer = replace(base, roi_size=tuple(window["roi_size"]))
+    if inferer is None and (window.get("sw_batch_size") is not None or window.get("overlap")
+                            is not None):  # fmt: skip
+        raise MedcamError(
+            "--sw-batch-size and --overlap need --roi-size (or a bundle with a sliding-window "
+            "inferer)."
+        )
+    if inferer is not None:
+        if window.get("sw_batch_size") is not None:
+            inferer = replace(inferer, sw_batch_size=int(window["sw_batch_size"]))
+        if window.get("overlap") is not None:
+            inferer = replace(inferer, overlap=float(window["overlap"]))
+    return {"inferer": inferer, "expect": spec.expect}
 
 
 def parse_target(text: str) -> Any:
@@ -134,6 +193,48 @@ def _is_dicom_folder(folder: Path) -> bool:
     return False
 
 
+def input_kind(path: str | Path) -> str | None:
+    """The :attr:`medcam.Scan.kind` an input path will load as, when its name tells
+    (``"nifti"``, ``"image-2d"``); ``None`` for DICOM, whose kind needs the files."""
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".png", ".jpg", ".jpeg")):
+        return "image-2d"
+    return None
+
+
+def name_from_path(path: str | Path) -> str:
+    """A case name from an input's file or folder name: known scan suffixes dropped
+    (``pat.v1.nii.gz`` -> ``pat.v1``), sanitised."""
+    from medcam.io.output import safe_name
+
+    name = Path(path).name
+    for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return safe_name(name)
+
+
+def unique_case_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """``name_from_path`` for every input, refusing two inputs that would share a case folder
+    (the second would replace the first's outputs)."""
+    names: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for p in paths:
+        name = name_from_path(p)
+        if name in seen:
+            raise InputError(
+                f"{seen[name]} and {p} would both be written to case folder {name!r}. Rename "
+                "one, explain them in separate runs with different --out folders, or drop "
+                "--name-from-input (hash-based names are unique per input content)."
+            )
+        seen[name] = p
+        names[p] = name
+    return names
+
+
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Cases from command-line inputs: a file, a DICOM series folder, or a folder of cases
     (its subfolders and scan files, one level down)."""
@@ -159,23 +260,33 @@ def explain_and_write(
     spec: ModelSpec,
     explainer: Any,
     scan: Any,
-    folder: Path,
+    out: Path | Any,
     case: str,
     target: Any,
     formats: Sequence[str],
     normalize: str,
     window: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Path]]:
-    """Explain one loaded scan and write its outputs into ``folder``: (explanation, paths).
+    """Explain one loaded scan and write its outputs as case folder ``out/<case>/`` (one
+    transaction): (explanation, paths).
 
-    ``window``: sliding-window options for :func:`medcam.explain_scan` (``roi_size``, ...).
+    ``out`` is a folder, or the staging :class:`~medcam.io.output.OutputDir` of a case that the
+    caller commits (the cohort adds its status record to the same transaction).
+    ``window``: keyword arguments for :func:`medcam.explain_scan` saying how the model infers
+    (``inferer``, ``expect``; see :func:`inference_options`).
     """
+    from medcam.io.output import OutputDir
     from medcam.space import explain_scan
-    from medcam.writers.outputs import write_outputs
+    from medcam.writers.outputs import write_case, write_outputs
+    from medcam.writers.registry import check_formats
 
+    check_formats(formats, scan)  # before the model runs
     ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
                       normalize=normalize, explainer=explainer, **(window or {}))  # fmt: skip
-    written = write_outputs(ex, folder, formats, model=spec.network, case=case)
+    if isinstance(out, OutputDir):
+        written = write_case(ex, out, formats, stem=case, model=spec.network)
+    else:
+        written = write_outputs(ex, out, formats, model=spec.network, case=case)
     return ex, [p for paths in written.values() for p in paths]
 
 
@@ -199,25 +310,30 @@ def explain_inputs(
 
     Returns one record per case: ``{"input", "case", "outputs"}``. Everything is validated (the
     cases exist, the output folder is writable, the method and formats are known) before the
-    first case runs.
+    first case runs; each case's input is checked against what the network takes (spatial
+    rank, channels) before the model runs on it. ``window`` overrides the sliding-window
+    settings (:func:`parse_window`); the model's own inferer (a bundle's) is followed otherwise.
     """
     from medcam.engine.core import Explainer
-    from medcam.io.output import OutputDir, safe_name
+    from medcam.io.output import OutputDir
     from medcam.io.scan import load_scan
-    from medcam.writers.outputs import FORMATS, case_name
+    from medcam.writers.outputs import case_name
+    from medcam.writers.registry import check_formats
 
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise MedcamError(f"Unknown format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    check_formats(formats)
     cases = expand_inputs(inputs)
+    for path in cases:  # a DICOM-only format for a NIfTI/picture input: refused before any work
+        check_formats(formats, kind=input_kind(path))
+    names = unique_case_names(cases) if name_from_input else {}
     OutputDir(out)
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    options = inference_options(spec, window)
     records = []
     for path in progress(cases):
         scan = load_scan(path)
-        case = safe_name(path.name.split(".")[0]) if name_from_input else case_name(scan)
-        _, paths = explain_and_write(spec, explainer, scan, Path(out) / case, case, target,
-                                     formats, normalize, window)  # fmt: skip
+        case = names[path] if name_from_input else case_name(scan)
+        _, paths = explain_and_write(spec, explainer, scan, Path(out), case, target, formats,
+                                     normalize, options)  # fmt: skip
         files = [str(p) for p in paths]
         records.append({"input": str(path), "case": case, "outputs": files})
         log(f"{path} -> {Path(out) / case} ({len(files)} outputs)")
@@ -227,9 +343,12 @@ def explain_inputs(
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Visits from a CSV with columns ``scan`` (required), ``heatmap``, ``date``, ``label``.
 
-    Relative paths are relative to the manifest's folder. Errors name the row and column.
+    Relative paths are relative to the manifest's folder. Dates are ISO ``YYYY-MM-DD`` or DICOM
+    ``YYYYMMDD`` (anything else, e.g. ``2020-1-25``, is refused). Errors name the row and column.
     """
     import csv
+
+    from medcam.longitudinal.timepoint import parse_date
 
     path = Path(path)
     with open(path, newline="") as f:
@@ -253,8 +372,10 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
                     entry[key] = p
             if "scan" not in entry:
                 raise InputError(f"{path}, line {n}: empty 'scan'.")
-            entry["date"] = row.get("date") or None
-            entry["label"] = row.get("label") or ""
+            entry["date"] = (row.get("date") or "").strip() or None
+            entry["label"] = (row.get("label") or "").strip()
+            if entry["date"] is not None:  # ISO or DICOM only, checked before any model runs
+                parse_date(entry["date"], f"{path.name}, line {n}")
             rows.append(entry)
     return rows
 
@@ -268,11 +389,32 @@ def load_timepoints(
     target: Any = "pred",
 ) -> list:
     """Visits from ``{"scan", "heatmap"?, "date"?, "label"?}`` entries; heatmaps missing from an
-    entry are computed with ``spec`` (the same explainer for every visit)."""
+    entry are computed with ``spec`` (the same explainer for every visit).
+
+    Every scan is read and every date checked (given, or the DICOM StudyDate) before the model
+    runs on any of them, so a bad date or a missing heatmap fails fast, naming the visit.
+    """
     from medcam.engine.core import Explainer
-    from medcam.longitudinal.timepoint import Timepoint
+    from medcam.io.scan import load_scan
+    from medcam.longitudinal.timepoint import Timepoint, dicom_date, parse_date
     from medcam.space import explain_scan
 
+    pending = []
+    for entry in entries:
+        if entry.get("heatmap"):
+            continue
+        if spec is None:
+            raise MedcamError(
+                f"No heatmap for {entry['scan']}: give one (manifest 'heatmap' column) or a model "
+                "(--bundle / --model) to compute it."
+            )
+        scan = load_scan(entry["scan"])
+        name = entry.get("label") or Path(entry["scan"]).name
+        when = entry.get("date")
+        when = parse_date(when, name) if when else dicom_date(scan.datasets, name)
+        if when is None:
+            raise InputError(f"No date for visit {name!r}: give one (YYYY-MM-DD).")
+        pending.append((entry, scan, when))
     explainer = Explainer(spec.network, layers, method) if spec is not None else None
     visits = []
     for entry in entries:
@@ -284,15 +426,10 @@ def load_timepoints(
                 label=entry.get("label", ""),
             )
             visits.append(visit)
-            continue
-        if spec is None:
-            raise MedcamError(
-                f"No heatmap for {entry['scan']}: give one (manifest 'heatmap' column) or a model "
-                "(--bundle / --model) to compute it."
-            )
-        ex = explain_scan(spec.network, entry["scan"], preprocess=spec.preprocess, target=target,
-                          explainer=explainer)  # fmt: skip
-        visits.append(Timepoint.from_explanation(ex, date=entry.get("date"), model=spec.network,
+    for entry, scan, when in pending:
+        ex = explain_scan(spec.network, scan, preprocess=spec.preprocess, target=target,
+                          explainer=explainer, **inference_options(spec))  # fmt: skip
+        visits.append(Timepoint.from_explanation(ex, date=when, model=spec.network,
                                                  label=entry.get("label", "")))  # fmt: skip
     return visits
 
@@ -311,7 +448,8 @@ def cohort_processor(
     """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
     (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
     ``mask`` (NIfTI on the scan grid), the pointing game and energy inside it are added to the
-    sidecar-style ``quality.json``."""
+    sidecar-style ``quality.json``. ``folder`` is the case's staging
+    :class:`~medcam.io.output.OutputDir` (the cohort commits it with its status record)."""
     import json
 
     from medcam.engine.core import Explainer
@@ -319,12 +457,13 @@ def cohort_processor(
     from medcam.io.scan import load_scan
 
     explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    options = inference_options(spec, window)
 
-    def process(case: Any, folder: Path) -> list[Path]:
+    def process(case: Any, folder: OutputDir) -> list[Path]:
         scan = load_scan(case.input)
         case_target = parse_target(case.target or target)
         ex, paths = explain_and_write(spec, explainer, scan, folder, case.case_id, case_target,
-                                      formats, normalize, window)  # fmt: skip
+                                      formats, normalize, options)  # fmt: skip
         if case.mask is not None:
             from medcam import evaluate
 
@@ -339,7 +478,8 @@ def cohort_processor(
                 "top_iou": evaluate.top_iou(heat, mask),
             }
             text = json.dumps(quality, indent=2)
-            paths.append(OutputDir(folder).write_file("quality.json", lambda p: p.write_text(text)))
+            written = folder.write_file("quality.json", lambda p: p.write_text(text))
+            paths.append(folder.final_path(written))
         return paths
 
     return process

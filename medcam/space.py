@@ -26,7 +26,7 @@ from medcam.engine.result import CAMResult
 from medcam.errors import MedcamError
 from medcam.io.scan import Scan, load_scan
 
-__all__ = ["ScanExplanation", "explain_scan", "invert_to_source", "on_source"]
+__all__ = ["ScanExplanation", "explain_scan", "invert_to_source", "on_source", "preprocess_scan"]
 
 
 @dataclass
@@ -96,8 +96,17 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     """Put ``maps: (K, *model_spatial)`` back on the scan grid with MONAI's inverse transforms.
 
     ``model_input`` is the preprocessed MetaTensor whose ``applied_operations`` describe the
-    geometry to undo. Returns a ``(K, *source_spatial)`` tensor, checked to have the source shape
-    and affine.
+    geometry to undo. The inverted map lands on the grid of the image the preprocessing started
+    from; when that image was read by another reader than ``scan`` (a bundle's ``LoadImage``
+    orders DICOM slices by InstanceNumber, :func:`medcam.load_scan` by position), the two grids
+    are compared in world coordinates and the map is flipped / transposed onto the scan's grid
+    when they cover the same voxels. Returns a ``(K, *source_spatial)`` tensor.
+
+    Raises
+    ------
+    MedcamError
+        When the inverted grid and the scan's differ for real (voxel size, orientation, origin,
+        shape), naming the difference.
     """
     from monai.data import MetaTensor
 
@@ -106,6 +115,8 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
     spatial_ops = getattr(model_input, "applied_operations", [])
     if preprocess is None or (isinstance(model_input, MetaTensor) and not spatial_ops):
         out = maps  # nothing geometric to undo (intensity transforms only)
+        if isinstance(model_input, MetaTensor):
+            out = MetaTensor(maps, affine=model_input.affine)
     else:
         if not isinstance(model_input, MetaTensor):
             raise MedcamError(
@@ -123,6 +134,9 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
             applied_operations=copy.deepcopy(spatial_ops),
         )
         out = preprocess.inverse(wrapped)
+    if isinstance(out, MetaTensor):
+        affine = np.asarray(out.affine, dtype=np.float64)
+        out = _onto_scan_grid(out.as_tensor(), affine, scan, preprocess)
     shape = tuple(out.shape[1:])
     if shape != scan.spatial_shape:
         raise MedcamError(
@@ -131,15 +145,95 @@ def invert_to_source(maps: torch.Tensor, model_input: Any, preprocess: Any, scan
             f"(transforms: {', '.join(_names(preprocess))}). Use MONAI's invertible transforms "
             "for geometry (Spacing, Orientation, Resize, SpatialPad, CropForeground, ...)."
         )
-    if isinstance(out, MetaTensor):
-        err = np.abs(np.asarray(out.affine, dtype=np.float64) - scan.affine_ras).max()
-        if err > 1e-3 * max(1.0, np.abs(scan.affine_ras).max()):
-            raise MedcamError(
-                "After undoing the preprocessing the heatmap's affine differs from the scan's "
-                f"by {err:.4g}; a transform changed the geometry without recording it."
-            )
-        out = out.as_tensor()
     return out.float()
+
+
+def _affine_nd(affine: np.ndarray, nd: int) -> np.ndarray:
+    """The ``(nd + 1) x (nd + 1)`` spatial part of a 4x4 (or smaller) affine."""
+    a = np.asarray(affine, dtype=np.float64)
+    keep = [*range(nd), a.shape[0] - 1]
+    return a[np.ix_(keep, keep)]
+
+
+def _voxel_sizes(a: np.ndarray) -> np.ndarray:
+    return np.sqrt((a[:-1, :-1] ** 2).sum(axis=0))
+
+
+def _fmt(values) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
+
+
+def _onto_scan_grid(maps: torch.Tensor, affine: np.ndarray, scan: Scan, preprocess: Any):
+    """``maps: (K, *S)`` on the grid ``affine`` (voxel -> RAS mm), brought onto the scan's grid.
+
+    Identical grids pass through; grids covering the same voxel centres in another axis order
+    or direction (e.g. slices numbered against the slice normal) are flipped / transposed; any
+    other difference is an error that names it.
+    """
+    nd = maps.ndim - 1
+    a = _affine_nd(affine, nd)
+    b = _affine_nd(scan.affine_ras, nd)
+    shape_in = tuple(maps.shape[1:])
+    shape_scan = scan.spatial_shape
+    spacing = _voxel_sizes(b)
+    tol_mm = max(0.1 * float(spacing.min()), 1e-4)
+    t = np.linalg.solve(b, a)  # voxel index in the map's grid -> voxel index in the scan's
+    r = t[:nd, :nd]
+    axes = [int(np.argmax(np.abs(r[i]))) for i in range(nd)]
+    signs = [float(np.sign(r[i, axes[i]])) for i in range(nd)]
+    mapped = None
+    if sorted(axes) == list(range(nd)) and all(
+        shape_scan[i] == shape_in[axes[i]] for i in range(nd)
+    ):
+        # index in the scan grid for each corner of the map's grid; compare world positions
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape_in], indexing="ij"))
+        corners = corners.reshape(nd, -1).T.astype(np.float64)
+        scan_idx = np.empty_like(corners)
+        for i in range(nd):
+            j = axes[i]
+            scan_idx[:, i] = corners[:, j] if signs[i] > 0 else shape_in[j] - 1 - corners[:, j]
+        world_in = (a @ np.c_[corners, np.ones(len(corners))].T)[:nd]
+        world_scan = (b @ np.c_[scan_idx, np.ones(len(scan_idx))].T)[:nd]
+        if np.abs(world_in - world_scan).max() <= tol_mm:
+            mapped = maps.permute(0, *[1 + j for j in axes])
+            flip = [1 + i for i in range(nd) if signs[i] < 0]
+            if flip:
+                mapped = mapped.flip(flip)
+    if mapped is not None:
+        return mapped.contiguous()
+    raise MedcamError(_grid_difference(a, b, shape_in, shape_scan, preprocess))
+
+
+def _grid_difference(a, b, shape_in, shape_scan, preprocess) -> str:
+    """A sentence naming how grid ``a`` (shape ``shape_in``) differs from the scan's ``b``."""
+    nd = len(shape_in)
+    diffs = []
+    sa, sb = _voxel_sizes(a), _voxel_sizes(b)
+    if not np.allclose(np.sort(sa), np.sort(sb), rtol=1e-3, atol=1e-4):
+        diffs.append(f"voxel size {_fmt(sa)} mm instead of the scan's {_fmt(sb)} mm")
+    da, db = a[:nd, :nd] / sa, b[:nd, :nd] / sb
+    # largest angle between an axis of the map's grid and the closest axis of the scan's grid
+    cos = np.abs(da.T @ db).max(axis=1).clip(-1, 1)
+    angle = float(np.degrees(np.arccos(cos)).max())
+    if angle > 0.01:
+        diffs.append(f"axes rotated by {angle:.3g} degrees")
+    if tuple(sorted(shape_in)) != tuple(sorted(shape_scan)):
+        diffs.append(f"shape {list(shape_in)} instead of {list(shape_scan)}")
+    centre_a = a @ np.append((np.asarray(shape_in) - 1) / 2.0, 1.0)
+    centre_b = b @ np.append((np.asarray(shape_scan) - 1) / 2.0, 1.0)
+    shift = float(np.linalg.norm(centre_a[:nd] - centre_b[:nd]))
+    if shift > 1e-3:
+        diffs.append(f"centre shifted by {shift:.3g} mm")
+    what = "; ".join(diffs) if diffs else "a grid that does not cover the same voxel centres"
+    names = ", ".join(_names(preprocess)) if preprocess is not None else "none"
+    return (
+        f"After undoing the preprocessing, the heatmap lies on a grid that differs from the "
+        f"scan's: {what}. Either a transform changed the geometry without recording it (not "
+        f"invertible; transforms: {names}), or the image the preprocessing started from was read "
+        "with another geometry than medcam.load_scan reads (e.g. a DICOM series whose slices "
+        "are not equally spaced, or a reader that ignores the orientation). Use MONAI's "
+        "invertible transforms, and check the input with medcam.load_scan."
+    )
 
 
 def on_source(
@@ -153,30 +247,49 @@ def on_source(
     return ScanExplanation(scan, heatmap[0], cam, record, names)
 
 
-def _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap) -> CAMResult:
-    """The stitched map as a CAMResult whose other fields describe the central window."""
-    from dataclasses import replace
+def _window(inferer: Any, roi_size, sw_batch_size: int, overlap: float):
+    """The inferer to follow: ``inferer`` as given, else a Gaussian-blended sliding window of
+    ``roi_size`` when one is given, else ``None`` (whole input)."""
+    if inferer is not None:
+        return inferer
+    if roi_size is None:
+        return None
+    from medcam.engine.sliding import SlidingWindow
 
-    from medcam.engine.sliding import explain_sliding_window
+    return SlidingWindow(tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
+                         mode="gaussian")  # fmt: skip
 
-    stitched = explain_sliding_window(explainer, batch, roi_size, target,
-                                      sw_batch_size=sw_batch_size, overlap=overlap)  # fmt: skip
-    spatial = batch.shape[2:]
-    start = [max(0, (n - r) // 2) for n, r in zip(spatial, roi_size, strict=True)]
-    crop = tuple(slice(s0, s0 + r) for s0, r in zip(start, roi_size, strict=True))
-    window = batch[(slice(None), slice(None), *crop)]
-    pad = [p for w, r in zip(reversed(window.shape[2:]), reversed(roi_size), strict=True)
-           for p in (0, r - w)]  # fmt: skip
-    centre = explainer(torch.nn.functional.pad(window, pad), target)  # padded like MONAI
-    return replace(
-        centre,
-        heatmaps={},
-        fused=stitched,
-        input_shape=tuple(batch.shape),
-        fusion=None,
-        extra={"sliding_window": {"roi_size": list(roi_size), "overlap": overlap,
-                                  "blending": "gaussian"}},
-    )  # fmt: skip
+
+def preprocess_scan(scan: Scan, preprocess: Any, device: Any, expect: Any = None):
+    """``preprocess(scan.image)`` on ``device``, checked against what the network takes
+    (``expect``, an :class:`medcam.engine.inferer.InputSpec`) before any model runs.
+
+    Raises
+    ------
+    InputError
+        The preprocessing failed on the scan, or its output has a rank or channel count the
+        network does not take (e.g. a single 2D slice for a 3D network).
+    """
+    from medcam.engine.inferer import check_model_input
+    from medcam.errors import InputError
+
+    what = f"The scan {scan.source}" if scan.source is not None else "The scan"
+    image = scan.image.to(device)
+    if preprocess is None:
+        model_input = image
+    else:
+        try:
+            model_input = preprocess(image)
+        except MedcamError:
+            raise
+        except Exception as err:
+            check_model_input(tuple(image.shape), expect, what)  # a rank mismatch says more
+            raise InputError(
+                f"The preprocessing failed on {what.split(' ', 1)[1]} (shape "
+                f"{list(image.shape)}): {type(err).__name__}: {err}"
+            ) from err
+    check_model_input(tuple(model_input.shape), expect, what)
+    return model_input
 
 
 def explain_scan(
@@ -189,9 +302,13 @@ def explain_scan(
     method: str = "auto",
     normalize: Normalization = "none",
     explainer: Explainer | None = None,
+    inferer: Any = None,
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 1,
     overlap: float = 0.25,
+    forward_kwargs: dict[str, Any] | None = None,
+    extra_inputs: Sequence[Any] = (),
+    expect: Any = None,
     **explainer_kwargs: Any,
 ) -> ScanExplanation:
     """Explain one scan and return heatmaps on its original grid.
@@ -207,31 +324,60 @@ def explain_scan(
         (e.g. ``Compose([Orientation("RAS"), Spacing((2, 2, 2)), ScaleIntensityRange(...),
         ResizeWithPadOrCrop((96, 96, 96))])``); ``None`` feeds the scan as it is.
     target, layers, method:
-        As in :func:`medcam.explain`.
+        As in :func:`medcam.explain`; ``"pred"`` on a segmentation network is the predicted
+        foreground (see :mod:`medcam.engine.inferer`).
     normalize:
         Applied to the maps on the source grid, recorded in the result.
     explainer:
         A configured :class:`medcam.Explainer` to use instead of ``layers``/``method``.
+    inferer:
+        How the network is run for inference, followed by the heatmap: a MONAI
+        ``SlidingWindowInferer`` (e.g. a bundle's) or :class:`medcam.engine.sliding.
+        SlidingWindow` explains window by window for a target on the whole stitched
+        prediction; ``None`` or ``SimpleInferer`` runs the whole input, padded to a size the
+        network takes where it needs one.
     roi_size, sw_batch_size, overlap:
-        With ``roi_size``, the model input is explained in sliding windows of that size (MONAI's
-        sliding-window inference, Gaussian blending; for fully convolutional networks larger than
-        their training patch), and ``cam`` describes the central window.
+        Shorthand for ``inferer=SlidingWindow(roi_size, sw_batch_size, overlap,
+        mode="gaussian")``.
+    forward_kwargs, extra_inputs:
+        Keyword arguments for ``model.forward`` (passed as they are), and further positional
+        inputs after the image (e.g. a clinical vector), each for this one scan: tensors and
+        arrays get a batch dimension of 1, like the image. See :class:`medcam.Explainer`. They
+        need the whole input in one forward pass (no sliding windows).
+    expect:
+        What the network takes (:class:`medcam.engine.inferer.InputSpec`); a scan that does not
+        fit is refused before the model runs.
 
     Returns
     -------
     ScanExplanation
         ``heatmap: (K, *source_spatial)`` float32 on the source grid.
     """
+    from medcam.engine.inferer import explain_with_inferer
+
     if not isinstance(scan, Scan):
         scan = load_scan(scan)
     if explainer is None:
         explainer = Explainer(model, layers, method, **explainer_kwargs)
     # preprocessing, CAM and inversion all run on the model's device (no host round trip)
-    image = scan.image.to(model_device(explainer.model, scan.image))
-    model_input = preprocess(image) if preprocess is not None else image
-    batch = torch.as_tensor(model_input)[None]
-    if roi_size is None:
-        cam = explainer(batch, target)
+    model_input = preprocess_scan(scan, preprocess, model_device(explainer.model, scan.image),
+                                  expect)  # fmt: skip
+    # a plain tensor into the network: MetaTensor's per-op metadata handling slows every layer
+    plain = model_input.as_tensor() if hasattr(model_input, "as_tensor") else model_input
+    batch = torch.as_tensor(plain)[None]
+    window = _window(inferer, roi_size, sw_batch_size, overlap)
+    extra = [torch.as_tensor(e)[None] if isinstance(e, (torch.Tensor, np.ndarray)) else e
+             for e in extra_inputs]  # fmt: skip
+    if extra or forward_kwargs:
+        from medcam.engine.inferer import resolve_target
+        from medcam.engine.sliding import SlidingWindow
+
+        if SlidingWindow.from_inferer(window) is not None:
+            raise MedcamError(
+                "extra_inputs / forward_kwargs need the whole input in one forward pass; they "
+                "cannot be combined with sliding windows (roi_size, a SlidingWindowInferer)."
+            )
+        cam = explainer((batch, *extra), resolve_target(target), forward_kwargs=forward_kwargs)
     else:
-        cam = _sliding_window_cam(explainer, batch, target, roi_size, sw_batch_size, overlap)
+        cam = explain_with_inferer(explainer, batch, target, window)
     return on_source(scan, cam, model_input, preprocess, normalize)

@@ -52,6 +52,21 @@ def slow_intensity_cam_3d():
     return Slow(spatial_dims=3)
 
 
+def exploding_model():
+    """Factory for a model that fails if it ever runs (checks that refusals come first)."""
+    from torch import nn
+
+    class Exploding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 1, 1)
+
+        def forward(self, x):
+            raise RuntimeError("forward ran")
+
+    return Exploding()
+
+
 def identity_segmenter():
     """Factory for the sliding-window CLI test: logits [0, x] (see tests/engine/test_sliding)."""
     from tests.engine.test_sliding import IdentitySegmenter

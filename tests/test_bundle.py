@@ -29,9 +29,9 @@ def _maps(out: Path) -> dict[str, Path]:
     import json
 
     maps = {}
-    for sidecar in (out / "medcam").glob("*.json"):
+    for sidecar in (out / "medcam").glob("*/*.json"):  # one folder per case
         record = json.loads(sidecar.read_text())
-        maps[record["input"]["sha256"]] = out / "medcam" / record["outputs"]["files"]["nifti"][0]
+        maps[record["input"]["sha256"]] = sidecar.parent / record["outputs"]["files"]["nifti"][0]
     return maps
 
 

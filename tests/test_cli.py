@@ -36,12 +36,13 @@ def test_demo(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "class 1" in result.output and "classifier/demo_gradcam_class1_pm.dcm" in result.output
+    assert "class 1" in result.output
+    assert "classifier/classifier_gradcam_class1_pm.dcm" in result.output
     source = medcam.load_scan(out / "inputs" / "dicom")
-    nii = nib.load(out / "classifier" / "demo_gradcam_class1.nii.gz")
+    nii = nib.load(out / "classifier" / "classifier_gradcam_class1.nii.gz")
     assert nii.shape == source.spatial_shape
     np.testing.assert_allclose(nii.affine, source.affine_ras, atol=1e-4)
-    record = json.loads((out / "classifier" / "demo.json").read_text())
+    record = json.loads((out / "classifier" / "classifier.json").read_text())
     # the default fuses the 6^3 last layer with the 12^3 layer (1/4 of the 48^3 input)
     assert record["explanation"]["feature_shapes"] == {
         "features.denseblock1": [12, 12, 12],
@@ -54,14 +55,13 @@ def test_demo(tmp_path):
     g = demo_geometry()
     lesion = g.affine_lps[:3] @ np.append((np.array(g.shape) - 1) / 2, 1.0) + LESION_OFFSET_MM
     # on the lesion (radius 12 mm), not just near it
-    assert (
-        np.linalg.norm(_peak_lps(out / "classifier" / "demo_gradcam_class1.nii.gz") - lesion) < 12
-    )
-    seg_nii = out / "segmenter" / "demo_layercam_class1.nii.gz"
+    cls_nii = out / "classifier" / "classifier_gradcam_class1.nii.gz"
+    assert np.linalg.norm(_peak_lps(cls_nii) - lesion) < 12
+    seg_nii = out / "segmenter" / "segmenter_layercam_class1.nii.gz"
     assert np.linalg.norm(_peak_lps(seg_nii) - lesion) < 12
-    pm = pydicom.dcmread(out / "classifier" / "demo_gradcam_class1_pm.dcm")
+    pm = pydicom.dcmread(out / "classifier" / "classifier_gradcam_class1_pm.dcm")
     assert pm.Modality == "OT" or pm.SOPClassUID.name == "Parametric Map Storage"
-    assert len(list((out / "classifier" / "demo_gradcam_class1_sc").iterdir())) == g.shape[2]
+    assert len(list((out / "classifier" / "classifier_gradcam_class1_sc").iterdir())) == g.shape[2]
 
 
 def test_explain_with_bundle_on_a_folder_of_cases(tmp_path, phantom_cases):
@@ -148,6 +148,19 @@ def test_clear_errors(tmp_path, phantom_cases):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+def test_dicom_format_for_nifti_inputs_is_refused_before_the_model_runs(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases  # a folder of NIfTI cases
+    result = CliRunner().invoke(
+        main,
+        ["explain", str(folder), "--out", str(tmp_path / "o"), "--model",
+         "tests.helpers:exploding_model", "--format", "nifti,dicom-seg"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "dicom-seg" in result.output and "'nifti'" in result.output
+    assert "forward ran" not in result.output  # refused before the model ran
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_explain_in_sliding_windows(tmp_path):
     rng = np.random.default_rng(1)
     data = rng.normal(0, 1, (40, 36, 30)).astype(np.float32)
@@ -165,3 +178,56 @@ def test_explain_in_sliding_windows(tmp_path):
     np.testing.assert_allclose(heat, np.maximum(data, 0), rtol=1e-5, atol=1e-5)
     record = json.loads((out / "big" / "big.json").read_text())
     assert record["explanation"]["sliding_window"]["roi_size"] == [16, 16, 16]
+
+
+def test_any_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    args = ["explain", str(folder / "a_lesion.nii.gz"), "--out", str(tmp_path / "o"), "--model",
+            "tests.helpers:exploding_model", "--layer", "conv", "--format", "nifti"]  # fmt: skip
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code in (1, 2)
+    lines = [x for x in plain.output.splitlines() if x and not x.startswith("cases:")]  # progress
+    assert len(lines) == 1 and lines[0].startswith("medcam: error:") and "forward ran" in lines[0]
+    assert "Traceback" not in plain.output
+    debug = CliRunner().invoke(main, ["--debug", *args])
+    assert debug.exit_code != 0 and isinstance(debug.exception, Exception)
+    assert "forward ran" in "".join(__import__("traceback").format_exception(debug.exception))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_names_from_inputs_keep_versions_apart_and_refuse_clashes(tmp_path, phantom_cases):
+    folder, _, _ = phantom_cases
+    src = folder / "a_lesion.nii.gz"
+    for name in ("pat.v1.nii.gz", "pat.v2.nii.gz", "x/scan.nii.gz", "y/scan.nii.gz"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(src.read_bytes())
+    common = ["--model", "tests.helpers:intensity_cam_3d", "--layer", "conv", "--target", "0",
+              "--format", "nifti,json", "--name-from-input"]  # fmt: skip
+    out = tmp_path / "out"
+    ok = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(tmp_path / "pat.v1.nii.gz"),
+            str(tmp_path / "pat.v2.nii.gz"),
+            "--out",
+            str(out),
+            *common,
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in out.iterdir()) == ["pat.v1", "pat.v2"]
+    clash = CliRunner().invoke(main, ["explain", str(tmp_path / "x" / "scan.nii.gz"),
+                                      str(tmp_path / "y" / "scan.nii.gz"), "--out",
+                                      str(tmp_path / "o2"), *common])  # fmt: skip
+    assert clash.exit_code == 2 and "both be written to case folder 'scan'" in clash.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_layers_input_size_is_checked():
+    for bad in ("32,x", "0,32,32", "32", "1,2,3,4", "-4,8"):
+        result = CliRunner().invoke(
+            main, ["layers", "--model", "tests.helpers:intensity_cam_3d", "--input-size", bad]
+        )
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--input-size" in result.output and "positive integers" in result.output

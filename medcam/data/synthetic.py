@@ -25,6 +25,8 @@ __all__ = [
     "sphere_heatmap",
     "torso_phantom",
     "write_dicom_series",
+    "write_enhanced_ct",
+    "write_mosaic",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -152,6 +154,8 @@ def write_dicom_series(
     frame_of_reference_uid: str | None = None,
     instance_numbers: Sequence[int] | None = None,
     rescale: tuple[float, float] = (1.0, -1024.0),
+    body_part: str | None = "ABDOMEN",
+    laterality: str | None = None,
 ) -> SeriesInfo:
     """Write ``volume_hu (X, Y, Z)`` as a single-frame CT/MR image series, one file per slice.
 
@@ -165,10 +169,24 @@ def write_dicom_series(
         Explicit InstanceNumber per slice (e.g. reversed, to catch InstanceNumber sorting).
     rescale:
         (RescaleSlope, RescaleIntercept) of the stored int16 values.
+    body_part:
+        BodyPartExamined (``None`` leaves it out).
+    laterality:
+        General Series Laterality (``"L"``/``"R"``); by default empty (unknown) for a paired
+        or unnamed body part and absent for an unpaired one, as DICOM requires.
+
+    The files pass ``dciodvfy`` (dicom3tools) without errors: decimal strings are formatted to
+    at most 16 characters (ImageOrientationPatient is written with 16 significant characters,
+    so it differs from ``geometry``'s cosines by < 1e-14), and the type 2 attributes a CT or MR
+    image needs (PatientPosition, AcquisitionNumber, Laterality, MR sequence parameters) are
+    present.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import format_number_as_ds as ds_str
+
+    from medcam.io.dicom import series_laterality
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,23 +222,38 @@ def write_dicom_series(
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
         ds.Modality, ds.SeriesNumber = modality, 1
         ds.SeriesDescription = series_description
+        ds.PatientPosition = "HFS"
+        if body_part:
+            ds.BodyPartExamined = body_part
+        if laterality is not None:
+            ds.Laterality = laterality
+        elif series_laterality(ds) is not None:  # type 2C: absent for an unpaired part
+            ds.Laterality = ""  # unknown
         ds.Manufacturer = "medcam synthetic"
         ds.InstanceNumber = int(instance_numbers[k]) if instance_numbers is not None else k + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
         ds.ImageOrientationPatient = [
-            float(v) for v in (*geometry.row_cosines, *geometry.col_cosines)
+            ds_str(float(v)) for v in (*geometry.row_cosines, *geometry.col_cosines)
         ]
         pos = geometry.affine_lps @ np.array([0.0, 0.0, k, 1.0])
-        ds.ImagePositionPatient = [round(float(v), 6) for v in pos[:3]]
-        ds.PixelSpacing = [float(geometry.spacing[1]), float(geometry.spacing[0])]  # row, col
-        ds.SliceThickness = float(geometry.spacing[2])
+        ds.ImagePositionPatient = [ds_str(round(float(v), 6)) for v in pos[:3]]
+        ds.PixelSpacing = [ds_str(float(geometry.spacing[1])), ds_str(float(geometry.spacing[0]))]
+        ds.SliceThickness = ds_str(float(geometry.spacing[2]))
         ds.Rows, ds.Columns = geometry.shape[1], geometry.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        if modality == "CT" or (slope, intercept) != (1.0, 0.0):  # not in the MR Image IOD
+            ds.RescaleSlope = ds_str(float(slope))
+            ds.RescaleIntercept = ds_str(float(intercept))
         if modality == "CT":
             ds.RescaleType = "HU"
             ds.KVP = 120
+            ds.WindowCenter, ds.WindowWidth = 40, 400  # soft tissue
+        else:  # MR Image module, type 1/2 attributes
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "GR", "NONE", ""
+            ds.MRAcquisitionType = "3D"
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = 8, 4, 1
         # pixel_array is (rows, columns) = volume[:, :, k].T
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         path = folder / names[k]
@@ -308,3 +341,166 @@ def sphere_heatmap(
     dist = np.linalg.norm(pts - np.asarray(centre_patient, float), axis=-1)
     edge = min(geometry.spacing)
     return np.clip((radius_mm + edge / 2 - dist) / edge, 0, 1).astype(np.float32)
+
+
+def write_enhanced_ct(
+    volume_hu: np.ndarray,
+    geometry: Geometry,
+    path: str | Path,
+    *,
+    frame_order: Sequence[int] | None = None,
+    **series_kwargs,
+) -> Path:
+    """Write ``volume_hu (X, Y, Z)`` as one multi-frame CT object (Legacy Converted Enhanced CT).
+
+    The slices are written as a single-frame series (:func:`write_dicom_series`, which takes
+    ``series_kwargs``), converted by highdicom to one object with per-frame functional groups
+    (PlanePositionSequence per frame; orientation, pixel measures and rescale shared), and
+    stored with frame ``f`` (1-based) holding slice ``frame_order[f - 1]`` (default: highdicom's
+    order). Returns the file's path.
+    """
+    import tempfile
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = write_dicom_series(volume_hu, geometry, tmp, **series_kwargs)
+        slices = [pydicom.dcmread(f) for f in info.files]
+        enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+            slices, generate_uid(), 2, generate_uid(), 1
+        )
+    if frame_order is not None:
+        # which slice each of highdicom's frames holds, by position along the normal
+        normal = geometry.normal
+        origin = np.asarray(geometry.origin, float)
+        spacing = geometry.spacing[2]
+        groups = list(enhanced.PerFrameFunctionalGroupsSequence)
+        slice_of = [
+            round(
+                float(np.dot(np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, float)
+                             - origin, normal)) / spacing
+            )
+            for g in groups
+        ]  # fmt: skip
+        frame_of_slice = {k: i for i, k in enumerate(slice_of)}
+        order = [frame_of_slice[int(k)] for k in frame_order]
+        pixels = enhanced.pixel_array
+        enhanced.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
+        for new, group in enumerate(enhanced.PerFrameFunctionalGroupsSequence, start=1):
+            group.FrameContentSequence[0].InStackPositionNumber = new
+        enhanced.PixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(path)
+    return path
+
+
+def _csa2(tags: dict[str, tuple[str, list[str]]]) -> bytes:
+    """A Siemens CSA2 ("SV10") header with ``{name: (vr, [values])}``, as nibabel reads it."""
+    import struct
+
+    out = [b"SV10", b"\x04\x03\x02\x01", struct.pack("<2I", len(tags), 77)]
+    for name, (vr, values) in tags.items():
+        out.append(
+            struct.pack("<64si4s3i", name.encode(), len(values), vr.encode(), 3, len(values), 77)
+        )
+        for value in values:
+            data = value.encode() + b"\x00"
+            out.append(struct.pack("<4i", len(data), len(data), 77, len(data)))
+            out.append(data + b"\x00" * (-len(data) % 4))
+    return b"".join(out)
+
+
+def write_mosaic(
+    volume: np.ndarray,
+    geometry: Geometry,
+    path: str | Path,
+    *,
+    reverse_tiles: bool = False,
+    csa: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write ``volume (X, Y, Z)`` as one Siemens MOSAIC MR image (fMRI/DWI style).
+
+    The ``Z`` slices are tiled row-major into a square grid of ``ceil(sqrt(Z))`` tiles per side
+    (unused tiles zero). As Siemens scanners do, ImageType contains ``MOSAIC``,
+    ImagePositionPatient is the corner of a virtual image the size of the whole mosaic centred
+    on the tiles, and the private CSA image header (0029,1010) holds NumberOfImagesInMosaic and
+    SliceNormalVector. ``reverse_tiles`` stores the slices in descending order along
+    ``geometry.normal`` (tile 0 = the last slice) with the CSA normal pointing the other way;
+    ``csa=False`` leaves the CSA header out (as some anonymisers do). Values are stored as
+    uint16 (rounded). Returns the file's path.
+    """
+    import math
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import format_number_as_ds as ds_str
+
+    cols, rows, n = geometry.shape
+    tiles = math.ceil(math.sqrt(n))
+    order = list(range(n))[::-1] if reverse_tiles else list(range(n))
+    mosaic = np.zeros((tiles * rows, tiles * cols), np.uint16)
+    for t, k in enumerate(order):
+        i, j = divmod(t, tiles)
+        mosaic[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = np.round(volume[:, :, k].T)
+    row_cos, col_cos = np.asarray(geometry.row_cosines), np.asarray(geometry.col_cosines)
+    col_spacing, row_spacing = geometry.spacing[0], geometry.spacing[1]
+    first = geometry.affine_lps @ np.array([0.0, 0.0, order[0], 1.0])
+    corner = (
+        first[:3]
+        - col_cos * row_spacing * (tiles * rows - rows) / 2
+        - row_cos * col_spacing * (tiles * cols - cols) / 2
+    )
+    normal = geometry.normal * (-1.0 if reverse_tiles else 1.0)
+    ds = pydicom.Dataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Mosaic^Test",
+        "MOSAIC",
+        "",
+        "O",
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = generate_uid(), ""
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber = "MR", 1, 1, 1
+    ds.Manufacturer = "SIEMENS"
+    ds.PatientPosition, ds.BodyPartExamined = "HFS", "BRAIN"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+    ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "EP", "SK", "FS"
+    ds.MRAcquisitionType, ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "2D", 3000, 30, 1
+    ds.ImageOrientationPatient = [ds_str(float(v)) for v in (*row_cos, *col_cos)]
+    ds.ImagePositionPatient = [ds_str(round(float(v), 6)) for v in corner]
+    ds.PixelSpacing = [ds_str(float(row_spacing)), ds_str(float(col_spacing))]
+    ds.SliceThickness = ds.SpacingBetweenSlices = ds_str(float(geometry.spacing[2]))
+    ds.Rows, ds.Columns = mosaic.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = mosaic.tobytes()
+    if csa:
+        header = _csa2(
+            {
+                "NumberOfImagesInMosaic": ("US", [str(n)]),
+                "AcquisitionMatrixText": ("SH", [f"{rows}p*{cols}"]),
+                "SliceNormalVector": ("FD", [repr(float(v)) for v in normal]),
+            }
+        )
+        ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "OB", header)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -17,16 +17,19 @@ no per-call state, so one explainer and one model can be used from several threa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from medcam.engine.auto import AutoChoice, auto_choice, auto_method
+from medcam.engine.inputs import ModelInputs
 from medcam.engine.layers import (
     ActivationCapture,
+    At,
     auto_layer,
+    check_feature_map,
     check_hookable,
     eval_mode,
     model_device,
@@ -34,9 +37,11 @@ from medcam.engine.layers import (
     trace_layers,
 )
 from medcam.engine.methods import MethodContext, get_method
+from medcam.engine.perturbation import Perturbation
 from medcam.engine.postprocess import Fusion, Normalization, fuse_maps, normalize_maps, upsample
+from medcam.engine.reshape import Layout, ReshapeSpec, model_grids, resolve_layout
 from medcam.engine.result import CAMResult
-from medcam.engine.targets import as_target, select_output
+from medcam.engine.targets import as_target, fixed_target, select_output
 from medcam.errors import InputError, LayerError, MedcamError, ModelError
 
 __all__ = ["Explainer", "explain"]
@@ -146,6 +151,33 @@ def _target_gradients(
     return [torch.stack([p[i] for p in per_target], dim=1) for i in range(len(acts))], False
 
 
+def _check_scores(scores: torch.Tensor) -> None:
+    """Refuse non-finite target scores (a NaN input other than the image, an overflow)."""
+    bad = ~torch.isfinite(scores.detach())
+    if bool(bad.any()):
+        rows = sorted({int(i) for i in bad.nonzero()[:, 0]})
+        raise ModelError(
+            f"The target score is NaN or infinite for sample(s) {rows}; every map would be "
+            "meaningless. Check the model's other inputs and forward_kwargs (only the explained "
+            "image is checked for NaN/Inf) and the model's numerics (e.g. float16 overflow)."
+        )
+
+
+def _reshaped_gradient(name: str, g: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The gradient ``(B, K, *raw)`` read like the activation; refuse a map whose gradient lies
+    entirely in the tokens the layout drops (a class token)."""
+    g_cf = layout.to_channels_first(g, lead=2)
+    if layout.kind != "channels_first" and not bool(g_cf.any()) and bool(g.any()):
+        raise LayerError(
+            f"The target score depends on layer {name!r} only through tokens outside its patch "
+            "grid (the class token): every patch token has a zero gradient, so every gradient "
+            "map would be zero. In a ViT classifier this is the case after the last attention "
+            "block; take the input of the last block's attention instead, e.g. "
+            "layers='blocks.<last>.norm1' (pytorch-grad-cam's choice), or an earlier block."
+        )
+    return g_cf
+
+
 class Explainer:
     """Grad-CAM family explainer for 2D and 3D CNNs.
 
@@ -155,19 +187,22 @@ class Explainer:
     ----------
     model:
         Any eager ``torch.nn.Module`` (MONAI or plain torch) taking ``(B, C, H, W)`` or
-        ``(B, C, D, H, W)``. It is never modified.
+        ``(B, C, D, H, W)`` (plus other inputs or keyword arguments: see ``__call__``). It is
+        never modified.
     layers:
         ``"auto"`` (default: chosen from one shape-only forward pass by
         :func:`medcam.engine.auto.auto_choice`: the deepest feature layer, fused with the
-        deepest layer whose grid is at least 1/4 of the input per axis when it is coarser;
-        recorded in ``metadata()["layers_chosen_by"]``), ``"last"`` (the last layer whose
-        output is still a feature map with extent > 1, the earlier default), a module name
-        such as ``"features.denseblock4"``, a module object, or a list of these.
+        block output of every coarser resolution stage back to the deepest layer whose grid is
+        at least 1/4 of the input per axis; recorded in ``metadata()["layers_chosen_by"]``),
+        ``"last"`` (the last layer whose output is still a feature map with extent > 1, the
+        earlier default), a module name such as ``"features.denseblock4"``, a module object,
+        or a list of these.
     method:
         ``"auto"`` (default: Grad-CAM for classifiers, LayerCAM for segmentation outputs, see
-        :func:`medcam.engine.auto.auto_method`; recorded in
-        ``metadata()["method_chosen_by"]``), ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``,
-        ``"xgradcam"``, ``"layercam"`` or ``"cam"`` (see :data:`medcam.METHODS`).
+        :func:`medcam.engine.auto.auto_method`; recorded in ``metadata()["method_chosen_by"]``),
+        ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"layercam"``,
+        ``"cam"``, or the gradient-free ``"scorecam"`` and ``"ablationcam"`` (see
+        :data:`medcam.METHODS`).
     output:
         Which part of the model output holds the logits: ``None`` for a tensor, an index for a
         tuple, a key for a dict, or a callable.
@@ -186,6 +221,21 @@ class Explainer:
     device:
         Device to run on; ``None`` follows the model. The model is never moved: it must
         already be on ``device``.
+    at:
+        ``"output"`` (default) or ``"input"``: explain the layer's output or its input
+        (Captum's ``attribute_to_layer_input``; e.g. the feature map a head receives). One value
+        for all layers, a list aligned with ``layers``, or a dict ``{layer: "input"}``.
+    reshape:
+        How to read token / channel-last layers as ``(B, C, *grid)`` maps: ``"auto"`` (default:
+        channel-first maps as they are; tokens and channel-last maps on the grid the model
+        declares, see :mod:`medcam.engine.reshape`), ``None`` (as they are), a callable
+        ``t -> (B, C, *grid)`` (pytorch-grad-cam's ``reshape_transform``), a built-in
+        (:func:`medcam.engine.tokens`, :func:`medcam.engine.channels_last`), or a dict
+        ``{layer: spec}``.
+    perturbations_per_eval:
+        For ``"scorecam"`` / ``"ablationcam"``: perturbed copies per forward pass. Bounds
+        memory (one batch of copies exists at a time); Captum's name, pytorch-grad-cam's
+        ``batch_size``.
     """
 
     def __init__(
@@ -200,6 +250,9 @@ class Explainer:
         batched: bool | None = None,
         eval: bool = True,
         device: str | torch.device | None = None,
+        at: At | Sequence[At] | Mapping[Any, At] = "output",
+        reshape: ReshapeSpec | Mapping[Any, ReshapeSpec] = "auto",
+        perturbations_per_eval: int = 16,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
@@ -224,6 +277,46 @@ class Explainer:
         self._auto = modes[0] if modes else None
         self._layers = [] if self._auto else resolve_layers(model, list(layers))
         self._auto_cache: dict[tuple[int, ...], AutoChoice] = {}
+        self._at = self._per_layer("at", at, ("output", "input"))
+        self._reshape = self._per_layer("reshape", reshape, None)
+        if isinstance(perturbations_per_eval, bool) or not (
+            isinstance(perturbations_per_eval, int) and perturbations_per_eval >= 1
+        ):
+            raise MedcamError(
+                f"perturbations_per_eval must be a positive int, not {perturbations_per_eval!r}."
+            )
+        self.perturbations_per_eval = perturbations_per_eval
+
+    def _per_layer(self, what: str, spec: Any, allowed: tuple[str, ...] | None) -> Any:
+        """A per-layer option as one value, a dict ``{name: value}`` or a list aligned with the
+        layers; returns ``(default, {name: value})``."""
+
+        def check(v: Any) -> Any:
+            if allowed is not None and v not in allowed:
+                raise MedcamError(f"{what}={v!r} is not one of {', '.join(map(repr, allowed))}.")
+            return v
+
+        default = "output" if what == "at" else "auto"
+        if isinstance(spec, Mapping):
+            keys = resolve_layers(self.model, list(spec))
+            if not self._auto and set(keys) - set(self._layers):
+                raise LayerError(
+                    f"{what}= names layer(s) {sorted(set(keys) - set(self._layers))} that are not "
+                    f"among layers={self._layers}."
+                )
+            return default, {k: check(v) for k, v in zip(keys, spec.values(), strict=True)}
+        if isinstance(spec, (list, tuple)):
+            if self._auto or len(spec) != len(self._layers):
+                raise MedcamError(
+                    f"A list for {what}= must have one entry per named layer "
+                    f"({len(self._layers)}); give one value or a dict {{layer: value}}."
+                )
+            return default, {n: check(v) for n, v in zip(self._layers, spec, strict=True)}
+        return check(spec), {}
+
+    def _option(self, option: tuple[Any, dict[str, Any]], name: str) -> Any:
+        default, per = option
+        return per.get(name, default)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         model_dev = model_device(self.model, x)
@@ -234,11 +327,14 @@ class Explainer:
             )
         return x.to(model_dev)
 
-    def layer_names(self, x: torch.Tensor) -> list[str]:
-        """The target layer names for input ``x`` (resolving ``"auto"`` / ``"last"``)."""
-        return self.layer_plan(x)[0]
+    def layer_names(self, x: torch.Tensor, inputs: ModelInputs | None = None) -> list[str]:
+        """The target layer names for input ``x`` (resolving ``"auto"`` / ``"last"``);
+        ``inputs``: the full model call for models that take more than ``x``."""
+        return self.layer_plan(x, inputs)[0]
 
-    def layer_plan(self, x: torch.Tensor) -> tuple[list[str], Fusion | None, str]:
+    def layer_plan(
+        self, x: torch.Tensor, inputs: ModelInputs | None = None
+    ) -> tuple[list[str], Fusion | None, str]:
         """``(layer names, fusion, layers_chosen_by)`` for input ``x``.
 
         ``layers_chosen_by`` is ``"auto: <rule>"``, ``"last: <layer>"`` or ``"user"``.
@@ -247,7 +343,7 @@ class Explainer:
             return list(self._layers), self.fusion, "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
-            infos, out = trace_layers(self.model, x, eval=self.eval)
+            infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
             logits_shape = tuple(select_output(out, self.output).shape)
             if self._auto == "auto":
                 self._auto_cache[key] = auto_choice(infos, tuple(x.shape[2:]), logits_shape)
@@ -263,9 +359,11 @@ class Explainer:
 
     def __call__(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Sequence[Any],
         target: Any = "pred",
         *,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        input_index: int = 0,
         normalize: Normalization = "none",
         percentiles: tuple[float, float] = (0.0, 99.0),
         upsample_to_input: bool = True,
@@ -275,11 +373,18 @@ class Explainer:
         Parameters
         ----------
         x:
-            ``(B, C, H, W)`` or ``(B, C, D, H, W)`` float input (moved to the model's device).
+            ``(B, C, H, W)`` or ``(B, C, D, H, W)`` float input (moved to the model's device),
+            or a tuple of the model's positional inputs, ``x[input_index]`` being the image
+            explained and the others passed through (Captum's ``additional_forward_args``).
         target:
             ``"pred"`` (each sample's own argmax), an int, per-sample ints ``(B,)`` or
             ``(B, K)``, ``"all"``, a :class:`medcam.SegmentationTarget`, or a callable
             ``logits -> (B, K)`` scores. See :mod:`medcam.engine.targets`.
+        forward_kwargs:
+            Keyword arguments for ``model.forward`` (tensors are moved to the model's device).
+            Perturbation methods take tensors whose first dim is ``B`` as per-sample.
+        input_index:
+            Which positional input is the explained image.
         normalize:
             ``"none"`` (default: raw values), ``"minmax"`` or ``"percentile"``; applied to
             ``heatmaps`` / ``fused`` only and recorded in ``result.normalization``.
@@ -295,45 +400,93 @@ class Explainer:
             ``result.heatmap: (B, K, *spatial)`` float32, ``result.raw[layer]``,
             ``result.classes: (B, K)``, ``result.scores: (B, K)`` and the call's description.
         """
-        x = self._to_device(check_input(x))
-        spatial = tuple(x.shape[2:])
+        inputs = ModelInputs.build(x, forward_kwargs, input_index)
+        device = self._to_device(check_input(inputs.x)).device
         target_fn = as_target(target)
         method = self.method  # None: "auto", chosen from the model output below
+        extra: dict[str, Any] = inputs.describe()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
-            if x.is_inference():
-                x = x.clone()
-            names, fusion, chosen_by = self.layer_plan(x)
+            inputs = inputs.to(device)  # inference tensors are cloned here
+            x = inputs.x
+            spatial = tuple(x.shape[2:])
+            names, fusion, chosen_by = self.layer_plan(x, inputs)
+            at = {n: self._option(self._at, n) for n in names}
             # No graph before the first target layer; its hook turns gradients on (see
             # ActivationCapture); no_grad's exit restores the caller's mode.
             stack.enter_context(torch.no_grad())
             stack.enter_context(eval_mode(self.model, self.eval))
             capture = stack.enter_context(
                 ActivationCapture(
-                    self.model, names, grad_from_layer=method is None or method.needs_gradients
+                    self.model,
+                    names,
+                    grad_from_layer=method is None or method.needs_gradients,
+                    at=at,
                 )
             )
-            logits = select_output(self.model(x), self.output)
+            logits = select_output(inputs(self.model), self.output)
             scores, classes = target_fn(logits)
+            _check_scores(scores)
             method_chosen_by = "user"
             if method is None:
-                name, method_chosen_by = auto_method(tuple(logits.shape))
-                method = get_method(name)
-            acts = capture.activations(len(spatial))
+                auto_name, method_chosen_by = auto_method(tuple(logits.shape))
+                method = get_method(auto_name)
+            kept = capture.activations()
+            modules = dict(self.model.named_modules())
+            hints = model_grids(self.model, spatial)
+            layouts = [
+                resolve_layout(self._option(self._reshape, n), modules[n], a, spatial, hints, n)
+                for n, a in zip(names, kept, strict=True)
+            ]
+            acts = []
+            for n, a, layout in zip(names, kept, layouts, strict=True):
+                a_cf = layout.to_channels_first(a)
+                check_feature_map(n, a_cf, len(spatial), at[n])
+                acts.append(a_cf)
             grads: list[torch.Tensor | None] = [None] * len(acts)
             batched = False
             if method.needs_gradients:
-                grads, batched = _target_gradients(scores, acts, names, self.batched)
+                raw_grads, batched = _target_gradients(scores, kept, names, self.batched)
+                grads = [
+                    _reshaped_gradient(n, g, layout)
+                    for n, g, layout in zip(names, raw_grads, layouts, strict=True)
+                ]
         fc_weight = (
             _final_linear_weight(self.model, self.fc_layer) if method.name == "cam" else None
         )
-        ctx = MethodContext(classes=classes.detach(), fc_weight=fc_weight)
         raw: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, a, g in zip(names, acts, grads, strict=True):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if method.perturbation:
+                stack.enter_context(eval_mode(self.model, self.eval))
+                score_fn = fixed_target(target_fn, logits.detach(), classes.detach())
+            forwards = 0
+            for name, a, g, kept_a, layout in zip(names, acts, grads, kept, layouts, strict=True):
+                perturbation = None
+                if method.perturbation:
+                    perturbation = Perturbation(
+                        self.model, inputs, self.output, score_fn, modules[name], at[name],
+                        layout, kept_a.detach(), scores.detach(), self.perturbations_per_eval,
+                    )  # fmt: skip
+                ctx = MethodContext(
+                    classes=classes.detach(), fc_weight=fc_weight, perturbation=perturbation
+                )
                 a32 = a.detach().float()
                 g32 = None if g is None else g.detach().float()
                 raw[name] = method.fn(a32, g32, ctx).float()
+                forwards += perturbation.forwards if perturbation is not None else 0
+        if method.perturbation:
+            extra["perturbation"] = {
+                "forward_passes": forwards,
+                "perturbations_per_eval": self.perturbations_per_eval,
+            }
+        if any(v == "input" for v in at.values()):
+            extra["at"] = dict(at)
+        if any(layout.kind != "channels_first" for layout in layouts):
+            extra["layouts"] = {
+                n: layout.record() for n, layout in zip(names, layouts, strict=True)
+            }
+        with torch.no_grad():
             resized = {n: upsample(m, spatial) if upsample_to_input else m for n, m in raw.items()}
             fused = None
             if fusion is not None and len(names) > 1:
@@ -361,6 +514,7 @@ class Explainer:
             batched_backward=batched,
             layers_chosen_by=chosen_by,
             method_chosen_by=method_chosen_by,
+            extra=extra,
         )
 
 
@@ -383,9 +537,8 @@ def explain(
     >>> result = medcam.explain(net, volume, layers="features.denseblock3", target="all")
     >>> result.heatmap.shape  # (B, num_classes, D, H, W)
     """
-    explainer_kwargs = {
-        k: kwargs.pop(k) for k in ("fc_layer", "batched", "eval", "device") if k in kwargs
-    }
+    keys = ("fc_layer", "batched", "eval", "device", "at", "reshape", "perturbations_per_eval")
+    explainer_kwargs = {k: kwargs.pop(k) for k in keys if k in kwargs}
     return Explainer(model, layers, method, output=output, fusion=fusion, **explainer_kwargs)(
         x, target, normalize=normalize, **kwargs
     )

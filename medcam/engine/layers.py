@@ -12,11 +12,14 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from medcam.errors import LayerError, ModelError
+from medcam.engine.inputs import ModelInputs
+from medcam.engine.reshape import detect_layout, model_grids
+from medcam.errors import InputError, LayerError, ModelError
 
 __all__ = ["LayerInfo", "list_layers"]
 
@@ -39,6 +42,15 @@ class LayerInfo:
         cannot be a target layer).
     spatial_rank:
         Number of spatial dimensions of the model input (2 for 2D, 3 for 3D).
+    layout:
+        How the output reads as a feature map: ``"channels_first"`` ``(B, C, *grid)``,
+        ``"channels_last"`` ``(B, *grid, C)`` (Swin blocks), ``"tokens"`` ``(B, N, C)`` (ViT,
+        UNETR blocks), or ``None`` when it is no map (see :mod:`medcam.engine.reshape`).
+    grid:
+        The feature grid of that layout (for tokens: the patch grid; the class token, if any,
+        is not part of it).
+    prefix_tokens:
+        For tokens: how many tokens precede the patch tokens (1 for a class token).
     """
 
     name: str
@@ -46,13 +58,32 @@ class LayerInfo:
     output_shape: tuple[int, ...] | None
     calls: int
     spatial_rank: int
+    layout: str | None = None
+    grid: tuple[int, ...] | None = None
+    prefix_tokens: int = 0
 
     @property
     def feature_shape(self) -> tuple[int, ...] | None:
-        """Spatial shape of the output, or ``None`` when the output is not a feature map."""
+        """Spatial shape of the output feature map (channel-first or channel-last), or ``None``
+        when the output is not a feature map (tokens: see ``grid``)."""
+        if self.layout in ("channels_first", "channels_last"):
+            return self.grid
+        if self.layout is not None:
+            return None
         if self.output_shape is None or len(self.output_shape) != 2 + self.spatial_rank:
             return None
         return tuple(self.output_shape[2:])
+
+    @property
+    def is_token_layer(self) -> bool:
+        """True for a token layer ``(B, N, C)`` on a known grid that can be a target (named
+        explicitly: ``layers="auto"`` picks feature maps only)."""
+        return (
+            self.layout == "tokens"
+            and self.calls == 1
+            and self.grid is not None
+            and math.prod(self.grid) > 1
+        )
 
     @property
     def is_candidate(self) -> bool:
@@ -137,10 +168,15 @@ def _first_tensor_shape(output: object) -> tuple[int, ...] | None:
 
 
 def trace_layers(
-    model: nn.Module, x: torch.Tensor, *, eval: bool = True
+    model: nn.Module, x: torch.Tensor, *, eval: bool = True, inputs: ModelInputs | None = None
 ) -> tuple[list[LayerInfo], object]:
-    """One no-grad forward recording each submodule's output shape; returns (infos, output)."""
+    """One no-grad forward recording each submodule's output shape; returns (infos, output).
+
+    ``inputs`` (optional) is the full model call when the model takes more than ``x``.
+    """
     spatial_rank = x.ndim - 2
+    modules = module_names(model)
+    hints = model_grids(model, tuple(x.shape[2:]))
     records: dict[str, list] = {}
     order: list[str] = []
     thread = threading.get_ident()
@@ -156,24 +192,38 @@ def trace_layers(
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in module_names(model).items()]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     try:
         with torch.no_grad(), eval_mode(model, eval):
-            output = model(x)
+            output = inputs(model) if inputs is not None else model(x)
     finally:
         for h in handles:
             h.remove()
-    infos = [LayerInfo(n, records[n][0], records[n][1], records[n][2], spatial_rank) for n in order]
+    infos = []
+    for n in order:
+        kind, shape, calls = records[n]
+        layout = None if shape is None else detect_layout(modules[n], shape, x.shape[2:], hints)
+        extra = {}
+        if layout is not None:
+            extra = {"layout": layout.kind, "grid": layout.grid,
+                     "prefix_tokens": layout.prefix_tokens}  # fmt: skip
+        infos.append(LayerInfo(n, kind, shape, calls, spatial_rank, **extra))
     return infos, output
 
 
 def list_layers(
-    model: nn.Module, example_input: torch.Tensor, *, eval: bool = True
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[object],
+    *,
+    eval: bool = True,
+    forward_kwargs: dict[str, object] | None = None,
+    input_index: int = 0,
 ) -> list[LayerInfo]:
     """Run one forward pass and report every submodule's output shape, in execution order.
 
     Only shapes are recorded, never activations, so this is as cheap in memory as a plain
-    no-grad forward.
+    no-grad forward. Token layers (ViT, UNETR) and channel-last layers (Swin blocks) are
+    reported with their feature grid (``layout``, ``grid``).
 
     Parameters
     ----------
@@ -181,19 +231,28 @@ def list_layers(
         Any ``torch.nn.Module`` (not TorchScript).
     example_input:
         ``(B, C, H, W)`` or ``(B, C, D, H, W)`` tensor of the size you will explain; it is moved
-        to the model's device.
+        to the model's device. For a model with several inputs, a tuple of them (the explained
+        one at ``input_index``).
     eval:
         Run in eval mode (restored afterwards), as :func:`medcam.explain` does by default.
+    forward_kwargs, input_index:
+        Keyword arguments for ``model.forward`` and the explained input's position, as in
+        :class:`medcam.Explainer`.
 
     Returns
     -------
     list of LayerInfo
-        In the order the modules finished running; ``LayerInfo.is_candidate`` marks usable
-        target layers and ``LayerInfo.feature_shape`` their feature-grid shape.
+        In the order the modules finished running; ``LayerInfo.is_candidate`` marks feature-map
+        target layers (those ``layers="auto"`` chooses from), ``LayerInfo.is_token_layer``
+        token layers that can be named as targets, and ``LayerInfo.grid`` their grid.
     """
     check_hookable(model)
-    x = example_input.to(model_device(model, example_input))
-    return trace_layers(model, x, eval=eval)[0]
+    inputs = ModelInputs.build(example_input, forward_kwargs, input_index)
+    x = inputs.x
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"The example input must be a torch.Tensor, not {type(x).__name__}.")
+    inputs = inputs.to(model_device(model, x))
+    return trace_layers(model, inputs.x, eval=eval, inputs=inputs)[0]
 
 
 def auto_layer(infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None) -> str:
@@ -222,14 +281,27 @@ def model_device(model: nn.Module, fallback: torch.Tensor) -> torch.device:
     return fallback.device
 
 
-class ActivationCapture:
-    """Forward hooks that keep the output of the named layers for one call in one thread.
+At = Literal["output", "input"]
 
-    Each hook hands the rest of the network a clone of the layer output, so that in-place ops
-    after the layer (``ReLU(inplace=True)``) leave the kept activation intact, and makes the
-    output differentiable even when the model's parameters are frozen. Hooks fire only for the
-    thread that created the capture, so concurrent calls on one shared model do not mix.
-    Use as a context manager: the hooks are removed on exit, also after an exception.
+
+def _first_tensor(args: tuple) -> int | None:
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            return i
+    return None
+
+
+class ActivationCapture:
+    """Hooks that keep the output (or input) of the named layers for one call in one thread.
+
+    Each hook hands the rest of the network a clone of the kept tensor, so that in-place ops
+    after the layer (``ReLU(inplace=True)``) leave the kept activation intact, and makes it
+    differentiable even when the model's parameters are frozen. Hooks fire only for the thread
+    that created the capture, so concurrent calls on one shared model do not mix. Use as a
+    context manager: the hooks are removed on exit, also after an exception.
+
+    With ``at[name] == "input"`` the layer's input is kept instead of its output (Captum's
+    ``attribute_to_layer_input``): a forward pre-hook takes the first positional tensor argument.
 
     With ``grad_from_layer=True`` the forward is meant to start under ``torch.no_grad()``: the
     first target layer to run switches gradient recording on (thread-local), so no autograd
@@ -238,10 +310,16 @@ class ActivationCapture:
     """
 
     def __init__(
-        self, model: nn.Module, names: Sequence[str], *, grad_from_layer: bool = False
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        grad_from_layer: bool = False,
+        at: dict[str, At] | None = None,
     ) -> None:
         self._modules = module_names(model)
         self._names = list(names)
+        self._at = {n: (at or {}).get(n, "output") for n in self._names}
         self._grad_from_layer = grad_from_layer
         self._thread = threading.get_ident()
         self._handles: list = []
@@ -249,25 +327,50 @@ class ActivationCapture:
         self.calls: dict[str, int] = dict.fromkeys(names, 0)
         self.bad_outputs: dict[str, str] = {}
 
+    def _keep(self, name: str, t: object) -> torch.Tensor | None:
+        """Record one call; return the clone to hand on, or ``None`` for a non-float tensor."""
+        self.calls[name] += 1
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            self.bad_outputs[name] = type(t).__name__ if not isinstance(t, torch.Tensor) else (
+                f"{t.dtype} tensor")  # fmt: skip
+            return None
+        if self._grad_from_layer:
+            torch.set_grad_enabled(True)
+        kept = t if t.requires_grad else t.detach().requires_grad_(True)
+        self.outputs[name] = kept
+        return kept.clone()
+
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> torch.Tensor | None:
             if threading.get_ident() != self._thread:
                 return None
-            self.calls[name] += 1
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                self.bad_outputs[name] = type(output).__name__
+            return self._keep(name, output)
+
+        return hook
+
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if threading.get_ident() != self._thread:
                 return None
-            if self._grad_from_layer:
-                torch.set_grad_enabled(True)
-            kept = output if output.requires_grad else output.detach().requires_grad_(True)
-            self.outputs[name] = kept
-            return kept.clone()
+            i = _first_tensor(args)
+            if i is None:
+                self.calls[name] += 1
+                self.bad_outputs[name] = "call without a positional tensor input"
+                return None
+            passed = self._keep(name, args[i])
+            if passed is None:
+                return None
+            return (*args[:i], passed, *args[i + 1 :])
 
         return hook
 
     def __enter__(self) -> ActivationCapture:
         for name in self._names:
-            self._handles.append(self._modules[name].register_forward_hook(self._hook(name)))
+            module = self._modules[name]
+            if self._at[name] == "input":
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,10 +378,12 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
 
-    def activations(self, spatial_rank: int) -> list[torch.Tensor]:
-        """The kept outputs in layer order, checked to be feature maps of one forward pass."""
+    def activations(self) -> list[torch.Tensor]:
+        """The kept tensors in layer order, checked to come from one call each (their shape is
+        checked by the caller, after any token / channel-last reshape)."""
         acts = []
         for name in self._names:
+            what = "input" if self._at[name] == "input" else "output"
             if self.calls[name] == 0:
                 raise LayerError(
                     f"Layer {name!r} did not run in the forward pass, so it has no activation. "
@@ -292,16 +397,20 @@ class ActivationCapture:
                 )
             if name in self.bad_outputs:
                 raise LayerError(
-                    f"Layer {name!r} returned a {self.bad_outputs[name]}, not a floating-point "
-                    "feature-map tensor. Pick a layer whose output is a (B, C, *spatial) tensor."
+                    f"Layer {name!r}'s {what} is a {self.bad_outputs[name]}, not a "
+                    "floating-point feature-map tensor. Pick a layer whose "
+                    f"{what} is a (B, C, *spatial) tensor (or tokens (B, N, C))."
                 )
-            a = self.outputs[name]
-            if a.ndim != 2 + spatial_rank or math.prod(a.shape[2:]) <= 1:
-                raise LayerError(
-                    f"Layer {name!r} outputs shape {tuple(a.shape)}, which has no spatial extent "
-                    f"(expected (B, C, *spatial) with {spatial_rank} spatial dims, more than one "
-                    "voxel). Pick an earlier convolutional layer; medcam.list_layers(model, x) "
-                    "shows the candidates."
-                )
-            acts.append(a)
+            acts.append(self.outputs[name])
         return acts
+
+
+def check_feature_map(name: str, a: torch.Tensor, spatial_rank: int, what: str = "output") -> None:
+    """Refuse a (reshaped) layer tensor that is not a ``(B, C, *spatial)`` map with > 1 voxel."""
+    if a.ndim != 2 + spatial_rank or math.prod(a.shape[2:]) <= 1:
+        raise LayerError(
+            f"Layer {name!r}'s {what} has shape {tuple(a.shape)}, which has no spatial extent "
+            f"(expected (B, C, *spatial) with {spatial_rank} spatial dims, more than one "
+            "voxel: a 1-voxel map upsamples to a constant and says nothing about where). Pick "
+            "an earlier layer; medcam.list_layers(model, x) shows the candidates."
+        )

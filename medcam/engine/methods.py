@@ -8,12 +8,18 @@ Shapes, for every method:
 - returns ``(B, K, *S)`` float32 raw maps.
 
 To add a method, write its function here and register it with :func:`register_method`.
+Perturbation methods (Score-CAM, Ablation-CAM, in :mod:`medcam.engine.perturbation`) also get
+``ctx.perturbation``, which runs the model on perturbed copies of the input.
+
+Each gradient method agrees with pytorch-grad-cam's implementation of the same name, constants
+included (``tests/engine/test_reference_agreement.py`` checks it against the installed library).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,7 +27,9 @@ from medcam.errors import MedcamError
 
 __all__ = ["METHODS", "CAMMethod", "MethodContext", "get_method", "register_method"]
 
-EPS = 1e-7  # the epsilon pytorch-grad-cam uses in Grad-CAM++ and XGrad-CAM denominators
+# Denominator epsilons, as pytorch-grad-cam 1.5.7 has them (they differ per method):
+GRADCAM_PP_EPS = 1e-6  # grad_cam_plusplus.py, alpha denominator (the paper has none)
+XGRADCAM_EPS = 1e-7  # xgrad_cam.py, sum of activations
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,14 @@ class MethodContext:
         ``(B, K)`` class index behind each target score (``-1`` for none).
     fc_weight:
         ``(num_classes, C)`` weight of the final linear layer (CAM only), else ``None``.
+    perturbation:
+        For perturbation methods, a :class:`medcam.engine.perturbation.Perturbation` that
+        scores perturbed copies of the input (or of the layer's activation), else ``None``.
     """
 
     classes: torch.Tensor
     fc_weight: torch.Tensor | None = None
+    perturbation: Any = None
 
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor | None, MethodContext], torch.Tensor]
@@ -54,15 +66,19 @@ class CAMMethod:
     fn:
         ``fn(a, g, ctx) -> (B, K, *S)`` raw map.
     needs_gradients:
-        False for methods computed from activations and weights alone (CAM): no backward pass.
+        False for methods computed from activations and weights alone (CAM) or from forward
+        passes (Score-CAM): no backward pass.
     reference:
         The paper the formula follows.
+    perturbation:
+        True for methods that run the model on perturbed inputs or activations (gradient-free).
     """
 
     name: str
     fn: MethodFn
     needs_gradients: bool
     reference: str
+    perturbation: bool = False
 
 
 METHODS: dict[str, CAMMethod] = {}
@@ -75,12 +91,16 @@ def _key(name: str) -> str:
 
 
 def register_method(
-    name: str, *, needs_gradients: bool = True, reference: str = ""
+    name: str, *, needs_gradients: bool = True, reference: str = "", perturbation: bool = False
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering ``fn(a, g, ctx)`` as CAM method ``name``."""
+    """Decorator registering ``fn(a, g, ctx)`` as CAM method ``name``.
+
+    ``perturbation=True`` (implies no gradients) gives the method ``ctx.perturbation``.
+    """
 
     def wrap(fn: MethodFn) -> MethodFn:
-        METHODS[_key(name)] = CAMMethod(name, fn, needs_gradients, reference)
+        grads = needs_gradients and not perturbation
+        METHODS[_key(name)] = CAMMethod(name, fn, grads, reference, perturbation)
         return fn
 
     return wrap
@@ -113,11 +133,16 @@ def grad_cam(a: torch.Tensor, g: torch.Tensor | None, ctx: MethodContext) -> tor
 
 @register_method("gradcam++", reference="Chattopadhay et al., WACV 2018, Eq. 19 (exp. score)")
 def grad_cam_pp(a: torch.Tensor, g: torch.Tensor | None, ctx: MethodContext) -> torch.Tensor:
-    """Grad-CAM++ with alpha = g^2 / (2 g^2 + sum_S(a) g^3), weights sum_S(alpha * ReLU(g))."""
+    """Grad-CAM++ with alpha = g^2 / (2 g^2 + sum_S(a) g^3 + eps), weights sum_S(alpha * ReLU(g)).
+
+    ``eps = 1e-6`` as in pytorch-grad-cam (the paper's Eq. 19 has none). It dominates the
+    denominator where ``|g| < ~1e-3`` (raw logits of a small trained network), so such maps
+    depend on it: use the same value as the library you compare with.
+    """
     assert g is not None
     g2 = g * g
     sum_a = a.sum(dim=_spatial(a, 2)).reshape(a.shape[0], 1, a.shape[1], *([1] * (a.ndim - 2)))
-    alpha = g2 / (2 * g2 + sum_a * g2 * g + EPS)
+    alpha = g2 / (2 * g2 + sum_a * g2 * g + GRADCAM_PP_EPS)
     alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
     weights = (alpha * torch.relu(g)).sum(dim=_spatial(g, 3))
     return torch.relu(_weighted_sum(weights, a))
@@ -129,7 +154,7 @@ def xgrad_cam(a: torch.Tensor, g: torch.Tensor | None, ctx: MethodContext) -> to
     assert g is not None
     dims = _spatial(a, 2)
     sum_a = a.sum(dim=dims)[:, None]  # (B, 1, C)
-    weights = (g * a.unsqueeze(1)).sum(dim=_spatial(g, 3)) / (sum_a + EPS)
+    weights = (g * a.unsqueeze(1)).sum(dim=_spatial(g, 3)) / (sum_a + XGRADCAM_EPS)
     return torch.relu(_weighted_sum(weights, a))
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "SegmentationTarget",
     "Target",
     "as_target",
+    "fixed_target",
     "select_output",
 ]
 
@@ -179,34 +180,48 @@ class SegmentationTarget:
         return _segmentation_scores(logits, classes, self.mask, self.reduction)
 
 
-def _segmentation_scores(
-    logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor | None, reduction: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _region_weights(
+    logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``(B, K, *spatial)`` weights of each target's region: the mask, or the predicted region."""
     b, k = classes.shape
     spatial = tuple(logits.shape[2:])
-    sel = logits.gather(1, classes.view(b, k, *([1] * len(spatial))).expand(b, k, *spatial))
     if mask is None:
-        weights = torch.stack(
+        return torch.stack(
             [
                 torch.stack([_predicted_region(logits[i : i + 1], int(c))[0] for c in row])
                 for i, row in enumerate(classes)
             ]
         )
-    else:
-        m = torch.as_tensor(mask, device=logits.device).to(logits.dtype)
-        if tuple(m.shape[-len(spatial) :]) != spatial:
-            raise TargetError(
-                f"Mask shape {tuple(m.shape)} does not match the model output's spatial shape "
-                f"{spatial}; give the mask on the output grid."
-            )
-        while m.ndim < 2 + len(spatial):
-            m = m.unsqueeze(0 if m.ndim == len(spatial) else 1)
-        weights = m.expand(b, k, *spatial)
+    m = torch.as_tensor(mask, device=logits.device).to(logits.dtype)
+    if tuple(m.shape[-len(spatial) :]) != spatial:
+        raise TargetError(
+            f"Mask shape {tuple(m.shape)} does not match the model output's spatial shape "
+            f"{spatial}; give the mask on the output grid."
+        )
+    while m.ndim < 2 + len(spatial):
+        m = m.unsqueeze(0 if m.ndim == len(spatial) else 1)
+    return m.expand(b, k, *spatial)
+
+
+def _region_scores(
+    logits: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    b, k = classes.shape
+    spatial = tuple(logits.shape[2:])
+    sel = logits.gather(1, classes.view(b, k, *([1] * len(spatial))).expand(b, k, *spatial))
     dims = tuple(range(2, 2 + len(spatial)))
     scores = (sel * weights).sum(dim=dims)
     if reduction == "mean":
         scores = scores / weights.sum(dim=dims).clamp_min(1)
-    return scores, classes
+    return scores
+
+
+def _segmentation_scores(
+    logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor | None, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = _region_weights(logits, classes, mask)
+    return _region_scores(logits, classes, weights, reduction), classes
 
 
 class CallableTarget:
@@ -230,6 +245,43 @@ class CallableTarget:
                 f"(B, K) with B = {logits.shape[0]}."
             )
         return scores, torch.full(scores.shape, -1, dtype=torch.long, device=scores.device)
+
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fixed_target(target: Target, logits: torch.Tensor, classes: torch.Tensor) -> ScoreFn:
+    """The target frozen on the unperturbed call, for perturbation methods (Score-CAM).
+
+    Returns ``score(out, rows) -> (M, K)``: the scores of the K targets of sample ``rows[i]`` on
+    the model output ``out[i]`` of a perturbed copy of that sample. Class indices (``"pred"``
+    included) and segmentation regions (a mask, or the region predicted on the unperturbed
+    input) are those of the original call, as pytorch-grad-cam's targets hold them fixed; a
+    callable (or a custom :class:`Target`) is applied to the perturbed outputs as it is.
+    """
+    classes = classes.detach()
+    builtin = (ClassTarget, PredictedClass, AllClasses, SegmentationTarget)
+    if not isinstance(target, builtin) or bool((classes < 0).any()):
+
+        def score_callable(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return target(out)[0]
+
+        return score_callable
+    if logits.ndim <= 2:
+
+        def score_class(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return out.gather(1, classes[rows])
+
+        return score_class
+    mask = target.mask if isinstance(target, SegmentationTarget) else None
+    reduction = target.reduction if isinstance(target, SegmentationTarget) else "sum"
+    with torch.no_grad():
+        weights = _region_weights(logits.detach(), classes, mask)
+
+    def score_region(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return _region_scores(out, classes[rows], weights[rows], reduction)
+
+    return score_region
 
 
 def as_target(spec: Any) -> Target:

@@ -30,7 +30,10 @@ class Scan:
         the voxel-to-RAS-mm affine (4x4), ``image.meta`` carries ``filename_or_obj``,
         ``original_affine`` and ``spatial_shape`` as MONAI's ``LoadImage`` would.
     kind:
-        ``"nifti"``, ``"dicom-series"``, ``"dicom-2d"``, ``"image-2d"`` or ``"tensor"``.
+        ``"nifti"``, ``"dicom-series"`` (a DICOM volume: a slice series or an Enhanced
+        multi-frame object), ``"dicom-mosaic"`` (a Siemens MOSAIC, unpacked to 3D: a volume, but
+        not one DICOM viewers can overlay a derived object on), ``"dicom-2d"``, ``"image-2d"``
+        or ``"tensor"``.
     source:
         The path that was read (``None`` for tensors).
     datasets:
@@ -40,6 +43,12 @@ class Scan:
         Hash of the input's bytes (files in sorted order), to identify it without its name.
     nifti_codes:
         ``(sform_code, qform_code)`` of a NIfTI source, reused when writing NIfTI.
+    dicom_layout:
+        For DICOM: ``"series"`` (one file per slice), ``"enhanced"`` (one Enhanced CT/MR/PET
+        multi-frame object), ``"mosaic"`` (one Siemens MOSAIC image, unpacked) or ``"2d"``.
+    source_frames:
+        For an ``enhanced`` source: the 1-based frame number of each slice of the last spatial
+        axis (slices are sorted along the normal, frames need not be).
     """
 
     image: Any
@@ -48,6 +57,8 @@ class Scan:
     datasets: list = field(default_factory=list)
     sha256: str = ""
     nifti_codes: tuple[int, int] | None = None
+    dicom_layout: str = ""
+    source_frames: list[int] | None = None
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -65,6 +76,19 @@ class Scan:
     @property
     def has_frame_of_reference(self) -> bool:
         return bool(self.datasets) and "FrameOfReferenceUID" in self.datasets[0]
+
+    @property
+    def slice_sources(self) -> list[tuple[Any, int | None]]:
+        """For DICOM volumes: ``(dataset, frame number or None)`` of each slice, in slice order.
+
+        A series gives one dataset per slice; an Enhanced object gives its frame numbers; a
+        MOSAIC gives the one image for every slice (its tiles have no identity of their own).
+        """
+        if self.kind == "dicom-mosaic":
+            return [(self.datasets[0], None)] * int(self.spatial_shape[-1])
+        if self.source_frames is not None:
+            return [(self.datasets[0], f) for f in self.source_frames]
+        return [(ds, None) for ds in self.datasets]
 
     @property
     def input_files(self) -> list[Path]:
@@ -118,8 +142,9 @@ def load_scan(source: str | Path | Any) -> Scan:
     ----------
     source:
         A NIfTI file (``.nii``/``.nii.gz``), a folder holding one DICOM series, a single DICOM
-        file (2D: CR/DX or one slice), a PNG/JPEG, or a ``monai.data.MetaTensor``
-        ``(C, *spatial)`` (e.g. from ``LoadImage(ensure_channel_first=True)``).
+        file (2D: CR/DX or one slice; 3D: an Enhanced CT/MR/PET multi-frame object or a Siemens
+        MOSAIC), a PNG/JPEG, or a ``monai.data.MetaTensor`` ``(C, *spatial)`` (e.g. from
+        ``LoadImage(ensure_channel_first=True)``).
 
     Returns
     -------
@@ -150,9 +175,8 @@ def load_scan(source: str | Path | Any) -> Scan:
         from medcam.io.dicom import read_dicom_series
 
         vol = read_dicom_series(path)
-        kind = "dicom-series" if vol.array.ndim == 3 else "dicom-2d"
         files = [Path(ds.filename) for ds in vol.datasets]
-        scan = _from_dicom(vol, path if kind == "dicom-series" else files[0], kind)
+        scan = _from_dicom(vol, path if vol.layout == "series" else files[0])
         scan.sha256 = _hash_files(files)
     elif name.endswith(NIFTI_SUFFIXES):
         scan = _load_nifti(path)
@@ -161,18 +185,23 @@ def load_scan(source: str | Path | Any) -> Scan:
     else:
         from medcam.io.dicom import read_dicom_file
 
-        scan = _from_dicom(read_dicom_file(path), path, "dicom-2d")
+        scan = _from_dicom(read_dicom_file(path), path)
         scan.sha256 = _hash_files([path])
     _check_finite(scan.image, str(path))
     return scan
 
 
-def _from_dicom(vol, path: Path, kind: str) -> Scan:
+def _from_dicom(vol, path: Path) -> Scan:
+    kind = "dicom-2d" if vol.array.ndim == 2 else "dicom-series"
+    if vol.layout == "mosaic":
+        kind = "dicom-mosaic"
     if vol.affine_lps is None:
         affine_ras = np.eye(4)
     else:
         affine_ras = LPS_TO_RAS @ vol.affine_lps
-    return Scan(_metatensor(vol.array, affine_ras, path), kind, path, vol.datasets)
+    scan = Scan(_metatensor(vol.array, affine_ras, path), kind, path, vol.datasets)
+    scan.dicom_layout, scan.source_frames = vol.layout, vol.frames
+    return scan
 
 
 def _load_nifti(path: Path) -> Scan:

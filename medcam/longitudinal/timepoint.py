@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,34 +12,56 @@ import numpy as np
 
 from medcam.errors import InputError
 
-__all__ = ["Timepoint", "dicom_date"]
+__all__ = ["Timepoint", "dicom_date", "parse_date"]
 
 # provenance keys that must agree between visits for their heatmaps to be comparable
 COMPARABLE = ("patient", "modality", "model", "layers", "method", "target", "normalization")
 
 
-def dicom_date(datasets: list) -> datetime.date | None:
-    """StudyDate (else AcquisitionDate, SeriesDate) of a DICOM series."""
-    if not datasets:
-        return None
-    ds = datasets[0]
-    for tag in ("StudyDate", "AcquisitionDate", "SeriesDate"):
-        value = str(ds.get(tag, "") or "")
-        if len(value) >= 8:
-            return datetime.date(int(value[:4]), int(value[4:6]), int(value[6:8]))
-    return None
+_ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_DICOM = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 
 
-def _as_date(value: Any) -> datetime.date:
+def parse_date(value: Any, visit: str = "") -> datetime.date:
+    """A visit date from a ``date``/``datetime``, an ISO 8601 ``YYYY-MM-DD`` or a DICOM DA
+    ``YYYYMMDD`` string; anything else (``2020-1-25``, ``25/01/2020``) is refused.
+
+    Raises
+    ------
+    InputError
+        Naming ``visit`` and the value, so the user knows which row or series to fix.
+    """
     if isinstance(value, datetime.datetime):
         return value.date()
     if isinstance(value, datetime.date):
         return value
-    text = str(value).replace("-", "")
+    text = str(value).strip()
+    match = _ISO.match(text) or _DICOM.match(text)
+    where = f"visit {visit!r}" if visit else "a visit"
+    if match is None:
+        raise InputError(
+            f"Cannot read the date {str(value)!r} of {where}: use YYYY-MM-DD (ISO 8601, e.g. "
+            "2020-01-25) or YYYYMMDD (DICOM)."
+        )
     try:
-        return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except (ValueError, IndexError):
-        raise InputError(f"Cannot read the date {value!r}; use YYYY-MM-DD.") from None
+        return datetime.date(*(int(g) for g in match.groups()))
+    except ValueError as err:
+        raise InputError(f"The date {text!r} of {where} does not exist ({err}).") from None
+
+
+def dicom_date(datasets: list, visit: str = "") -> datetime.date | None:
+    """StudyDate (else AcquisitionDate, SeriesDate) of a DICOM series; ``None`` if none is set.
+
+    A malformed value raises :class:`InputError` naming the tag and ``visit``.
+    """
+    if not datasets:
+        return None
+    ds = datasets[0]
+    for tag in ("StudyDate", "AcquisitionDate", "SeriesDate"):
+        value = str(ds.get(tag, "") or "").strip()
+        if value:
+            return parse_date(value, f"{visit} ({tag})" if visit else tag)
+    return None
 
 
 @dataclass
@@ -74,7 +97,7 @@ class Timepoint:
     scan: Any = None
 
     def __post_init__(self) -> None:
-        self.date = _as_date(self.date)
+        self.date = parse_date(self.date, self.label)
         self.label = self.label or self.date.isoformat()
         if self.heatmap.shape != self.image.shape:
             raise InputError(
@@ -94,11 +117,12 @@ class Timepoint:
         from medcam.writers.outputs import model_identity
 
         scan = explanation.scan
-        when = _as_date(date) if date is not None else dicom_date(scan.datasets)
+        name = label or (scan.source.name if scan.source is not None else "")
+        when = parse_date(date, name) if date is not None else dicom_date(scan.datasets, name)
         if when is None:
             raise InputError(
-                "This scan carries no StudyDate/AcquisitionDate; give the visit's date "
-                "(date='YYYY-MM-DD')."
+                f"The scan of visit {name!r} carries no StudyDate/AcquisitionDate; give the "
+                "visit's date (date='YYYY-MM-DD')."
             )
         ds = scan.datasets[0] if scan.datasets else {}
         cam = explanation.cam
@@ -145,9 +169,10 @@ class Timepoint:
                 f"{heat.shape} vs {s.spatial_shape}, or a different affine); write heatmaps on "
                 "the source grid (medcam does)."
             )
-        when = _as_date(date) if date is not None else dicom_date(s.datasets)
+        name = label or Path(scan).name
+        when = parse_date(date, name) if date is not None else dicom_date(s.datasets, name)
         if when is None:
-            raise InputError(f"No date for {Path(scan).name}: give one (YYYY-MM-DD).")
+            raise InputError(f"No date for visit {name!r}: give one (YYYY-MM-DD).")
         provenance: dict[str, Any] = {}
         sidecars = list(Path(heatmap).parent.glob("*.json"))
         if len(sidecars) == 1:

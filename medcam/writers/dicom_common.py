@@ -9,7 +9,17 @@ import numpy as np
 from medcam import __version__
 from medcam.errors import MedcamError
 
-__all__ = ["DicomIdentity", "method_code", "require_dicom_series"]
+__all__ = [
+    "DicomIdentity",
+    "complete_type2",
+    "copy_source_geometry",
+    "derived_uid",
+    "frames_for_source",
+    "method_code",
+    "require_dicom_series",
+    "source_images",
+    "uid_seed_for",
+]
 
 MANUFACTURER = "medcam"
 MODEL_NAME = "medcam-monai"
@@ -37,9 +47,12 @@ class DicomIdentity:
     instance_number: int = 1
 
     @classmethod
-    def new(cls, series_number: int) -> DicomIdentity:
+    def new(cls, series_number: int, seed: str | None = None) -> DicomIdentity:
+        """New random UIDs, or with ``seed`` UIDs derived from it (:func:`derived_uid`)."""
         from pydicom.uid import generate_uid
 
+        if seed is not None:
+            return cls(derived_uid(seed, "series"), derived_uid(seed, "instance"), series_number)
         return cls(generate_uid(), generate_uid(), series_number)
 
     def highdicom_kwargs(self) -> dict:
@@ -55,8 +68,36 @@ class DicomIdentity:
         }
 
 
+def derived_uid(seed: str, *parts: str) -> str:
+    """A UID that depends only on ``seed`` and ``parts`` (pydicom's root + a hash of them).
+
+    With a seed made from the source instances, the model weights and the settings, a retried
+    store or a restarted listener sends the same UIDs again, so a PACS keeps one copy.
+    """
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[seed, *parts])
+
+
+def uid_seed_for(options: dict, fmt: str, k: int) -> str | None:
+    """The seed for map ``k`` of format ``fmt`` when the case has ``options["uid_seed"]``."""
+    seed = options.get("uid_seed")
+    return None if seed is None else f"{seed}/{fmt}/{k}"
+
+
 def require_dicom_series(scan, what: str) -> None:
-    """Raise unless ``scan`` is a DICOM series with a frame of reference."""
+    """Raise unless ``scan`` is a DICOM volume a derived object can reference slice by slice.
+
+    That is a series of single-frame slices or an Enhanced multi-frame object, with a frame of
+    reference. A Siemens MOSAIC is refused: viewers show it as tiled 2D images, so a map
+    referencing its slices cannot be overlaid anywhere.
+    """
+    if scan.kind == "dicom-mosaic":
+        raise MedcamError(
+            f"The source is a Siemens MOSAIC image: DICOM viewers show it as one tiled 2D image, "
+            f"so a {what} referencing its slices cannot be overlaid on it. Write NIfTI (the "
+            "unpacked volume's geometry) and view it over the series converted with dcm2niix."
+        )
     if scan.kind != "dicom-series":
         raise MedcamError(
             f"A {what} is written on a DICOM source series, but this scan is {scan.kind!r}. "
@@ -72,6 +113,151 @@ def require_dicom_series(scan, what: str) -> None:
 def frames_from_volume(volume: np.ndarray) -> np.ndarray:
     """``(X, Y, Z)`` on the source grid -> ``(Z, rows, columns)`` frames, one per source slice."""
     return np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))
+
+
+def frames_for_source(frames: np.ndarray, scan) -> np.ndarray:
+    """Frames in slice order -> the order highdicom pairs them with the source planes.
+
+    A series is already in slice order (``scan.datasets``); an Enhanced object's planes are its
+    frames in frame-number order, which need not be the slice order.
+    """
+    if getattr(scan, "source_frames", None) is None:
+        return frames
+    out = np.empty_like(frames)
+    out[np.asarray(scan.source_frames) - 1] = frames
+    return out
+
+
+# Type 2 attributes of the patient and study modules that highdicom copies from the source (it
+# reads them unconditionally); a source may lack them (anonymised series, some scanners).
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def complete_type2(datasets: list) -> list:
+    """``datasets`` where each one missing a :data:`PATIENT_STUDY_TYPE2` attribute is replaced by
+    a shallow copy holding it empty (type 2: present, value unknown); the sources are unchanged."""
+    from pydicom import Dataset
+
+    out = []
+    for ds in datasets:
+        missing = [k for k in PATIENT_STUDY_TYPE2 if k not in ds]
+        if missing:
+            copy = Dataset()
+            copy.update(ds)  # shares the element objects, pixel data is not copied
+            copy.file_meta = getattr(ds, "file_meta", Dataset())
+            for k in missing:
+                setattr(copy, k, "")
+            ds = copy
+        out.append(ds)
+    return out
+
+
+def source_images(scan) -> list:
+    """The source datasets to hand highdicom as ``source_images``.
+
+    Missing type 2 patient/study attributes are added empty (:func:`complete_type2`).
+
+    highdicom reads an Enhanced source's orientation and pixel spacing from the shared
+    functional groups only; some scanners (Philips) put them in every per-frame group. Such a
+    source is handed over as a metadata copy with frame 1's PlaneOrientationSequence and
+    PixelMeasuresSequence moved to the shared group (the reader has checked that all frames
+    share one orientation and pixel spacing). SOP instance and frame numbers are unchanged, so
+    the references are to the real source.
+    """
+    if getattr(scan, "source_frames", None) is None:
+        return complete_type2(list(scan.datasets))
+    ds = complete_type2(scan.datasets[:1])[0]
+    moved = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
+    if shared is not None and all(seq in shared for seq in moved):
+        return [ds]
+    from pydicom import Dataset
+
+    def without(group, keywords) -> Dataset:  # a new item sharing the element objects
+        item = Dataset()
+        for elem in group:
+            if elem.keyword not in keywords:
+                item.add(elem)
+        return item
+
+    first = ds.PerFrameFunctionalGroupsSequence[0]
+    lift = [seq for seq in moved if seq in first and (shared is None or seq not in shared)]
+    meta = without(ds, ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"))
+    new_shared = without(shared, ()) if shared is not None else Dataset()
+    for seq in lift:
+        new_shared[seq] = first[seq]
+    meta.SharedFunctionalGroupsSequence = [new_shared]
+    meta.PerFrameFunctionalGroupsSequence = [
+        without(group, lift) for group in ds.PerFrameFunctionalGroupsSequence
+    ]
+    return [meta]
+
+
+def _item(ds, frame: int | None, sequence: str):
+    """A functional-group item of a source plane: per-frame for ``frame``, else shared."""
+    if frame is None:
+        return ds
+    groups = [ds.PerFrameFunctionalGroupsSequence[frame - 1]]
+    if "SharedFunctionalGroupsSequence" in ds:
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for group in groups:
+        if sequence in group and len(group[sequence].value):
+            return group[sequence].value[0]
+    return None
+
+
+def _exact(values) -> list:
+    """DS values as the source wrote them (when valid DS), so a viewer comparing numbers finds
+    them equal; values longer than DICOM's 16 characters are re-formatted to fit."""
+    from pydicom.valuerep import format_number_as_ds
+
+    out = []
+    for v in values:
+        text = getattr(v, "original_string", None)
+        if not isinstance(text, str):
+            text = str(v)
+        text = text.strip()
+        out.append(text if 0 < len(text) <= 16 else format_number_as_ds(float(v)))
+    return out
+
+
+def copy_source_geometry(ds, scan) -> None:
+    """Write ``ds``'s plane orientation, pixel spacing and per-frame positions as the exact
+    values of the source planes each frame references.
+
+    highdicom re-formats the source's decimal strings; a viewer that compares the derived
+    object's ImageOrientationPatient with the source's for equality (OHIF's Parametric Map
+    loader) then sees a difference of ~1e-14 and refuses the map as oblique. Copying the
+    source's strings makes the numbers identical. Every frame keeps the plane it references.
+    """
+    planes = {}
+    for src, frame in scan.slice_sources:
+        planes[(str(src.SOPInstanceUID), frame)] = (src, frame)
+    src0, frame0 = scan.slice_sources[0]
+    orient = _item(src0, frame0, "PlaneOrientationSequence")
+    measures = _item(src0, frame0, "PixelMeasuresSequence")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = _exact(
+        orient.ImageOrientationPatient
+    )
+    if measures is not None and "PixelSpacing" in measures:
+        shared.PixelMeasuresSequence[0].PixelSpacing = _exact(measures.PixelSpacing)
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        if "DerivationImageSequence" not in group or "PlanePositionSequence" not in group:
+            continue  # no per-frame source reference: keep highdicom's position
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        key = (str(ref.ReferencedSOPInstanceUID), frame)
+        if key not in planes:
+            continue
+        src, frame = planes[key]
+        position = _item(src, frame, "PlanePositionSequence")
+        group.PlanePositionSequence[0].ImagePositionPatient = _exact(position.ImagePositionPatient)
 
 
 def sort_frames_along_normal(ds) -> None:

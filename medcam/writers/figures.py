@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["blend_rgb", "radiological_views", "save_figure_2d", "save_figure_3d"]
+from medcam.writers.registry import CaseOutput, register_format
+
+__all__ = ["blend_rgb", "radiological_views", "save_figure_2d", "save_figure_3d", "write_png"]
 
 
 def window(image: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -149,3 +151,23 @@ def save_figure_2d(
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
+
+
+@register_format("png", order=60, description="PNG figures: tri-planar views and axial montage")
+def write_png(out: CaseOutput) -> list[Path]:
+    """One ``<base>.png`` per map: the heatmap over the scan, titled with method, layer, grid."""
+    paths = []
+    alpha = float(out.options.get("alpha", 0.4))
+    grids = "/".join("x".join(map(str, s)) for s in out.explanation.cam.feature_shapes.values())
+    for k, label in enumerate(out.labels):
+        title = f"{out.method} · {label} · layer {out.layer_text} · grid {grids}"
+        h = out.heat[k]
+
+        def draw(path: Path, h=h, title=title) -> None:
+            if h.ndim == 3:
+                save_figure_3d(out.image, h, out.scan.affine_ras, path, title=title, alpha=alpha)
+            else:
+                save_figure_2d(out.image, h, path, title=title, alpha=max(alpha, 0.5))
+
+        paths.append(out.folder.write_file(f"{out.base(k)}.png", draw))
+    return paths

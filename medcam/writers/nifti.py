@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["heatmap_to_nifti", "nifti_bytes"]
+from medcam.writers.registry import CaseOutput, register_format
+
+__all__ = ["heatmap_to_nifti", "nifti_bytes", "write_nifti"]
 
 NIFTI_XFORM_SCANNER_ANAT = 1
 
@@ -58,3 +62,22 @@ def nifti_bytes(img, compress: bool = True) -> bytes:
 
     data = img.to_bytes()
     return gzip.compress(data, compresslevel=6, mtime=0) if compress else data
+
+
+@register_format("nifti", order=10, description="NIfTI map on the scan grid")
+def write_nifti(out: CaseOutput) -> list[Path]:
+    """One ``<stem>_<method>_<label>.nii.gz`` per map, on the source affine."""
+    paths = []
+    scan = out.scan
+    for k, label in enumerate(out.labels):
+        img = heatmap_to_nifti(
+            out.heat[k],
+            scan.affine_ras,
+            intent_name=out.method,
+            codes=scan.nifti_codes,
+            description=f"medcam {out.method} {label} {out.layer_text}",
+        )
+        data = nifti_bytes(img)
+        name = f"{out.base(k)}.nii.gz"
+        paths.append(out.folder.write_file(name, lambda p, d=data: p.write_bytes(d)))
+    return paths

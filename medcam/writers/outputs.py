@@ -1,25 +1,25 @@
-"""Write a scan's heatmaps in the chosen formats, atomically, with a JSON sidecar."""
+"""Write a scan's heatmaps in the chosen formats as one case transaction.
+
+The formats are registered writers (:mod:`medcam.writers.registry`); this module checks the
+request against the scan, stages every output of the case in a hidden folder and commits it
+with one rename (:meth:`medcam.io.output.OutputDir.case`).
+"""
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from medcam import __version__
-from medcam.errors import MedcamError
+from medcam.errors import MedcamError, OutputError
 from medcam.io.output import OutputDir, safe_name
+from medcam.writers.registry import CaseOutput, available_formats, check_formats
+from medcam.writers.sidecar import model_identity
 
-__all__ = ["FORMATS", "case_name", "model_identity", "write_outputs"]
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "case_name", "model_identity", "write_outputs"]
 
-FORMATS = ("nifti", "dicom-pm", "dicom-seg", "dicom-sc", "png", "json")
+FORMATS = ("nifti", "dicom-pm", "dicom-seg", "dicom-sc", "png", "json")  # the built-in formats
 DEFAULT_FORMATS = ("nifti", "png", "json")
 
 
@@ -45,38 +45,33 @@ def case_name(scan, template: str | None = None) -> str:
     return safe_name(raw)
 
 
-def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Class, parameter count and SHA-256 of the state dict (weights identify the model)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return {
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "state_dict_sha256": h.hexdigest(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"medcam-monai": __version__}
-    for pkg in ("torch", "monai", "numpy", "pydicom", "highdicom", "nibabel", "SimpleITK"):
+def write_case(
+    explanation,
+    folder: OutputDir,
+    formats: Sequence[str],
+    *,
+    stem: str,
+    model: torch.nn.Module | None = None,
+    **options,
+) -> dict[str, list[Path]]:
+    """Write ``formats`` of one case into ``folder`` (a case's staging folder, see
+    :meth:`OutputDir.case`); returns format -> final paths."""
+    chosen = check_formats(formats, explanation.scan)
+    out = CaseOutput(explanation, folder, stem, list(formats), model, dict(options))
+    out.written = {f: [] for f in formats}
+    for fmt in chosen:
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def _draw_png(path: Path, *, image, heat, affine, title: str, alpha: float) -> None:
-    from medcam.writers.figures import save_figure_2d, save_figure_3d
-
-    if heat.ndim == 3:
-        save_figure_3d(image, heat, affine, path, title=title, alpha=alpha)
-    else:
-        save_figure_2d(image, heat, path, title=title, alpha=max(alpha, 0.5))
+            paths = fmt.write(out)
+        except OutputError:
+            raise
+        except OSError as err:  # a full disk, a quota, a vanished folder
+            raise OutputError(
+                f"Writing the {fmt.name} output of case {stem!r} failed: {err.strerror or err}. "
+                "Nothing of this case was written (a previous result of the case is kept); free "
+                "space or choose another output folder, then run it again."
+            ) from err
+        out.written[fmt.name] = [folder.final_path(p) for p in paths]
+    return out.written
 
 
 def write_outputs(
@@ -90,142 +85,61 @@ def write_outputs(
     fractional_seg: bool = False,
     alpha: float = 0.4,
     series_number_base: int = 9000,
+    uid_seed: str | None = None,
 ) -> dict[str, list[Path]]:
-    """Write ``explanation`` (a :class:`medcam.ScanExplanation`) to ``out_dir``.
+    """Write ``explanation`` (a :class:`medcam.ScanExplanation`) as case folder
+    ``out_dir/<case>/``.
 
     Parameters
     ----------
     formats:
-        Any of ``"nifti"``, ``"dicom-pm"``, ``"dicom-seg"``, ``"dicom-sc"``, ``"png"``,
-        ``"json"``. DICOM formats need a DICOM source; they are checked before anything is
-        written.
+        Registered formats (:func:`medcam.writers.registry.available_formats`): ``"nifti"``,
+        ``"dicom-pm"``, ``"dicom-seg"``, ``"dicom-sc"``, ``"png"``, ``"json"``. They are checked
+        against the scan before anything is written (DICOM formats need a DICOM source).
     model:
         Recorded in the sidecar (class, parameter count, weights hash).
     case:
-        File-name stem, e.g. a cohort case id (sanitised); default ``case-<input hash>``.
+        Case folder and file-name stem, e.g. a cohort case id (sanitised); default
+        ``case-<input hash>``.
     seg_threshold:
         DICOM SEG (binary): voxels at or above this fraction of each map's maximum.
     fractional_seg:
         Write the SEG as FRACTIONAL (``map / max``) instead of BINARY.
+    alpha:
+        Heatmap opacity in the PNG figures and Secondary Captures.
+    series_number_base:
+        DICOM SeriesNumber of the first derived series (map ``k``, format ``i``: base + 10k + i).
+    uid_seed:
+        Derive the DICOM outputs' Series/SOP Instance UIDs from this text instead of making new
+        ones (the same seed gives the same UIDs: a PACS keeps one copy when a result is sent
+        again). :func:`medcam.pipeline.result_seed` makes one from the source instances, the
+        model weights and the settings.
 
     Returns
     -------
     dict
-        Format -> written paths. The input is never modified: the folder is checked up front,
-        each file is written under a temporary name and renamed, and a path equal to an input
-        file is refused.
+        Format -> written paths, all inside ``out_dir/<case>/``.
+
+    Notes
+    -----
+    The case is a transaction: its outputs are staged in a hidden folder and appear together
+    with one rename, replacing a previous run's folder of the same case as a whole; on any
+    error nothing of the case is written and a previous result stays. The input is never
+    modified: the folder is checked up front, and a path equal to an input file or a folder
+    holding one is refused.
     """
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise MedcamError(f"Unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
-    scan = explanation.scan
-    if {"dicom-pm", "dicom-seg"} & set(formats):
-        from medcam.writers.dicom_common import require_dicom_series
+    check_formats(formats, explanation.scan)
+    root = OutputDir(out_dir, explanation.scan.input_files)
+    stem = safe_name(case) if case is not None else case_name(explanation.scan)
+    options = {"seg_threshold": seg_threshold, "fractional_seg": fractional_seg,
+               "alpha": alpha, "series_number_base": series_number_base,
+               "uid_seed": uid_seed}  # fmt: skip
+    with root.case(stem) as stage:
+        return write_case(explanation, stage, formats, stem=stem, model=model, **options)
 
-        require_dicom_series(scan, "DICOM Parametric Map / SEG")
-    if "dicom-sc" in formats and not scan.datasets:
-        raise MedcamError(
-            f"dicom-sc needs a DICOM source, but this scan is {scan.kind!r}; use png instead."
-        )
-    out = OutputDir(out_dir, scan.input_files)
-    stem = safe_name(case) if case is not None else case_name(scan)
-    heat = explanation.heatmap.detach().cpu().numpy().astype(np.float32)
-    image = None  # the scan itself, copied to the host only for the pictures that show it
-    if {"png", "dicom-sc"} & set(formats):
-        image = scan.image.detach().cpu().numpy().mean(axis=0)  # channels averaged (RGB -> grey)
-    method = explanation.cam.method
-    written: dict[str, list[Path]] = {f: [] for f in formats}
-    layer_text = "+".join(explanation.cam.layers)
-    for k, label in enumerate(explanation.target_labels):
-        base = f"{stem}_{safe_name(method)}_{label}"
-        h = heat[k]
-        if "nifti" in formats:
-            from medcam.writers.nifti import heatmap_to_nifti, nifti_bytes
 
-            img = heatmap_to_nifti(
-                h,
-                scan.affine_ras,
-                intent_name=method,
-                codes=scan.nifti_codes,
-                description=f"medcam {method} {label} {layer_text}",
-            )
-            data = nifti_bytes(img)
-            written["nifti"].append(
-                out.write_file(f"{base}.nii.gz", lambda p, d=data: p.write_bytes(d))
-            )
-        if "dicom-pm" in formats:
-            from medcam.writers.dicom_common import DicomIdentity
-            from medcam.writers.dicom_pm import build_parametric_map
+def formats_help() -> str:
+    """``name: description`` of every registered format, for ``--help``."""
+    from medcam.writers.registry import get_format
 
-            pm = build_parametric_map(
-                h,
-                scan,
-                method=method,
-                label=label,
-                identity=DicomIdentity.new(series_number_base + 10 * k + 1),
-            )
-            written["dicom-pm"].append(
-                out.write_file(f"{base}_pm.dcm", lambda p, d=pm: d.save_as(p))
-            )
-        if "dicom-seg" in formats:
-            from medcam.writers.dicom_common import DicomIdentity
-            from medcam.writers.dicom_seg import build_segmentation
-
-            peak = float(h.max())
-            seg = build_segmentation(
-                h,
-                scan,
-                threshold=seg_threshold * peak if peak > 0 else 1.0,
-                label=label,
-                method=method,
-                fractional=fractional_seg,
-                identity=DicomIdentity.new(series_number_base + 10 * k + 2),
-            )
-            written["dicom-seg"].append(
-                out.write_file(f"{base}_seg.dcm", lambda p, d=seg: d.save_as(p))
-            )
-        if "dicom-sc" in formats:
-            from medcam.writers.dicom_sc import build_secondary_captures
-
-            images = build_secondary_captures(
-                image,
-                h,
-                scan,
-                label=label,
-                method=method,
-                series_number=series_number_base + 10 * k + 3,
-                alpha=alpha,
-            )
-            with out.folder(f"{base}_sc") as tmp:
-                for i, sc in enumerate(images):
-                    sc.save_as(tmp / f"sc_{i + 1:04d}.dcm")
-            written["dicom-sc"].append(out.path / f"{base}_sc")
-        if "png" in formats:
-            title = f"{method} · {label} · layer {layer_text}"
-            fs = explanation.cam.feature_shapes
-            title += f" · grid {'/'.join('x'.join(map(str, s)) for s in fs.values())}"
-            draw = partial(_draw_png, image=image, heat=h, affine=scan.affine_ras, title=title,
-                           alpha=alpha)  # fmt: skip
-            written["png"].append(out.write_file(f"{base}.png", draw))
-    if "json" in formats:
-        record = {
-            "case": stem,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "input": {
-                "kind": scan.kind,
-                "sha256": scan.sha256,
-                "shape": list(scan.spatial_shape),
-                "affine_ras": scan.affine_ras.tolist(),
-                "files": len(scan.input_files),
-            },
-            "model": model_identity(model) if model is not None else None,
-            "explanation": explanation.metadata(),
-            "outputs": {
-                "seg_threshold_fraction_of_peak": seg_threshold if "dicom-seg" in formats else None,
-                "files": {f: [p.name for p in v] for f, v in written.items() if f != "json"},
-            },
-            "versions": _versions(),
-        }
-        text = json.dumps(record, indent=2, default=str)
-        written["json"].append(out.write_file(f"{stem}.json", lambda p: p.write_text(text)))
-    return written
+    return "; ".join(f"{n} ({get_format(n).description})" for n in available_formats())

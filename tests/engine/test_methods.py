@@ -7,7 +7,12 @@ import pytest
 import torch
 
 import medcam
-from medcam.engine.methods import EPS
+
+# Denominator epsilons of the reference implementation, pytorch-grad-cam 1.5.7 (read from its
+# grad_cam_plusplus.py and xgrad_cam.py; tests/engine/test_reference_agreement.py runs the
+# installed library itself). Never imported from medcam: a wrong constant there must fail here.
+PGC_GRADCAM_PP_EPS = 0.000001
+PGC_XGRADCAM_EPS = 1e-7
 
 X_HAND = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
 
@@ -92,12 +97,12 @@ def _reference_map(method, a, g, w_fc, cls):
     if method == "gradcam++":
         g2, g3 = g**2, g**3
         sum_a = a.sum(axis=axes).reshape(-1, *([1] * (a.ndim - 1)))
-        alpha = g2 / (2 * g2 + sum_a * g3 + EPS)
+        alpha = g2 / (2 * g2 + sum_a * g3 + PGC_GRADCAM_PP_EPS)
         alpha = np.where(g != 0, alpha, 0)
         w = (alpha * relu(g)).sum(axis=axes)
         return relu(np.tensordot(w, a, axes=1))
     if method == "xgradcam":
-        w = (g * a).sum(axis=axes) / (a.sum(axis=axes) + EPS)
+        w = (g * a).sum(axis=axes) / (a.sum(axis=axes) + PGC_XGRADCAM_EPS)
         return relu(np.tensordot(w, a, axes=1))
     if method == "hirescam":
         return relu((g * a).sum(axis=0))
@@ -127,8 +132,75 @@ def test_methods_match_reference(small_cnn, method, layer):
             np.testing.assert_allclose(raw[b, cls].numpy(), ref, rtol=2e-4, atol=1e-6)
 
 
+# ----- perturbation methods: one sample, one channel, one plain forward at a time -----
+
+
+def _layer_output(net, x, layer):
+    kept = {}
+    h = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: kept.update(a=o))
+    try:
+        with torch.no_grad():
+            logits = net(x)
+    finally:
+        h.remove()
+    return kept["a"], logits
+
+
+def _reference_perturbation_map(method, net, x, layer, cls):
+    """Score-CAM (Wang et al. 2020, Alg. 1) and Ablation-CAM (Desai & Ramaswamy 2020, Eq. 1),
+    written as loops; masks upsampled bilinearly/trilinearly with align_corners=False."""
+    a, logits = _layer_output(net, x, layer)
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    maps = []
+    for b in range(x.shape[0]):
+        weights = []
+        for c in range(a.shape[1]):
+            if method == "scorecam":
+                m = torch.nn.functional.interpolate(
+                    a[b : b + 1, c : c + 1], size=x.shape[2:], mode=mode, align_corners=False
+                )
+                span = m.max() - m.min()
+                m = (m - m.min()) / span if span > 0 else torch.zeros_like(m)
+                with torch.no_grad():
+                    weights.append(net(x[b : b + 1] * m)[0, cls])
+            else:
+                ablated = a[b : b + 1].clone()
+                ablated[:, c] = 0
+                module = dict(net.named_modules())[layer]
+                h = module.register_forward_hook(lambda mod, i, o, v=ablated: v)
+                try:
+                    with torch.no_grad():
+                        y_c = net(x[b : b + 1])[0, cls]
+                finally:
+                    h.remove()
+                y = logits[b, cls]
+                weights.append((y - y_c) / y.abs())
+        w = torch.stack(weights)
+        if method == "scorecam":
+            w = torch.softmax(w, dim=0)
+        maps.append(torch.relu(torch.einsum("c,c...->...", w, a[b])))
+    return torch.stack(maps)
+
+
+PERTURBATION_CASES = [(m, "features.3") for m in ("scorecam", "ablationcam")]
+
+
+@pytest.mark.parametrize(("method", "layer"), PERTURBATION_CASES)
+@pytest.mark.parametrize("per_eval", [1, 4, 64])
+def test_perturbation_methods_match_reference(small_cnn, method, layer, per_eval):
+    net, x = small_cnn
+    result = medcam.explain(
+        net, x, "all", layers=layer, method=method, perturbations_per_eval=per_eval
+    )
+    channels = 6  # features.3 is the ReLU after conv(4 -> 6); B = 2 samples
+    assert result.metadata()["perturbation"]["forward_passes"] == -(-2 * channels // per_eval)
+    for cls in range(3):
+        ref = _reference_perturbation_map(method, net, x, layer, cls)
+        torch.testing.assert_close(result.raw[layer][:, cls], ref, rtol=1e-4, atol=1e-6)
+
+
 def test_every_registered_method_is_tested():
-    tested = {m for m, _ in CASES}
+    tested = {m for m, _ in CASES} | {m for m, _ in PERTURBATION_CASES}
     assert {m.name for m in medcam.METHODS.values()} == tested
 
 
@@ -141,6 +213,8 @@ def test_every_registered_method_is_tested():
         ("hires_cam", "hirescam"),
         ("XGradCAM", "xgradcam"),
         ("Layer-CAM", "layercam"),
+        ("ScoreCAM", "scorecam"),
+        ("Ablation-CAM", "ablationcam"),
     ],
 )
 def test_method_aliases(alias, name):
@@ -148,5 +222,5 @@ def test_method_aliases(alias, name):
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(medcam.MedcamError, match="gradcam\\+\\+"):
-        medcam.engine.get_method("scorecam")
+    with pytest.raises(medcam.MedcamError, match=r"gradcam\+\+.*scorecam"):
+        medcam.engine.get_method("eigencam")

@@ -35,16 +35,17 @@ def dicom_visits(tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 def test_compare_cli_with_model(dicom_visits, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
         ["compare", *map(str, dicom_visits[::-1]), "--out", str(out),
          "--model", "tests.helpers:intensity_cam_3d", "--preprocess", "tests.helpers:lesion_window",
-         "--layer", "conv", "--target", "0"],
+         "--layer", "conv", "--target", "0", "--format", "dicom-pm,json,html"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "report:" in result.output
+    assert "report:" in result.output and "Finding 1:" in result.output
     record = json.loads((out / "longitudinal.json").read_text())
     rows = record["rows"]
     assert [r["date"] for r in rows] == ["2026-01-05", "2026-03-06", "2026-05-05"]
@@ -54,7 +55,11 @@ def test_compare_cli_with_model(dicom_visits, tmp_path):
     volumes = [r["volume_ml"] for r in rows]
     assert volumes[0] > volumes[1] > volumes[2] > 0
     assert all(r["volume_change_pct_prev"] < -10 for r in rows[1:])
-    assert record["trends"]["volume_ml"]["slope_per_day"] < 0
+    assert record["trends"]["volume_ml"]["per_30_days"] < 0
+    # the lesion is finding 1 (largest at baseline), tracked at every visit, shrinking
+    lesion = record["findings"][0]
+    assert [v["status"] for v in lesion["visits"]] == ["present"] * 3
+    assert lesion["visits"][2]["change_pct_baseline"] < -50
     assert record["provenance"]["method"] == "gradcam" and record["provenance"]["modality"] == "CT"
     # the difference map is also a DICOM Parametric Map on the baseline series
     pms = sorted(out.glob("difference_*_pm.dcm"))

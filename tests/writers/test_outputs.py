@@ -47,7 +47,7 @@ def test_bad_format_requests_write_nothing(tmp_path):
     out = tmp_path / "out"
     for formats, match in [
         (["nifti", "dicom-pm"], "DICOM source series"),
-        (["png", "dicom-sc"], "needs a DICOM source"),
+        (["png", "dicom-sc"], "not DICOM"),
         (["nifti", "mp4"], "Unknown output format"),
     ]:
         with pytest.raises(medcam.MedcamError, match=match):
@@ -86,7 +86,7 @@ def test_tag_based_names_cannot_escape(series, tmp_path):
     assert safe_name("../../etc/passwd") == "etc_passwd"
     assert safe_name("..") == "unnamed"
     written = medcam.write_outputs(ex, tmp_path / "out", ["nifti"], case=stem)
-    assert written["nifti"][0].parent == tmp_path / "out"
+    assert written["nifti"][0].parent == tmp_path / "out" / stem  # the case folder
     with pytest.raises(medcam.MedcamError, match="no 'Nope' tag"):
         case_name(ex.scan, "{Nope}")
 

@@ -64,6 +64,12 @@ def _rules() -> dict[str, dict]:
             out[f"{fine} pair {fusion}"] = {**how, "fusion": fusion, "chain": False}
             if fine != "stage-1":
                 out[f"{fine} chain {fusion}"] = {**how, "fusion": fusion, "chain": True}
+                out[f"{fine} chain {fusion} blocks"] = {
+                    **how,
+                    "fusion": fusion,
+                    "chain": True,
+                    "block_outputs": True,
+                }
     return out
 
 
@@ -170,16 +176,14 @@ def full_row(name, heat, x, masks, rank, fns, args, *, kw=None, model=None, arch
 
 
 def explain_all(model, arch, x, **kw) -> tuple[torch.Tensor, medcam.CAMResult]:
-    results = [
-        medcam.explain(model, x[i : i + BATCH], target_for(arch), **kw)
-        for i in range(0, len(x), BATCH)
-    ]
+    explainer = medcam.Explainer(model, kw.get("layers", "auto"), kw.get("method", "auto"))
+    results = [explainer(x[i : i + BATCH], target_for(arch)) for i in range(0, len(x), BATCH)]
     return torch.cat([r.heatmap[:, 0] for r in results]), results[0]
 
 
 # ---------------------------------------------------------------------------------- one model
 def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     arch, task = zoo.ARCHS[arch_name], zoo.TASKS[task_name]
     model, record = zoo.load_or_train(
         arch_name, task_name, steps=args.steps, retrain=args.retrain, log=log
@@ -283,6 +287,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
         "rows": rows,
         "random_order": rand_order,
         "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
     }
     d = next(r for r in rows if "default**" in r["config"])
     b = next(r for r in rows if r["config"].startswith("best single"))
@@ -290,7 +295,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     log(
         f"{arch_name}/{task_name}: quality {record.get('quality', float('nan')):.2f}; PG default "
         f"{d['pg']:.2f}, best single {b['pg']:.2f} ({best_layer}), old default {o['pg']:.2f}; "
-        f"{result['seconds']:.0f} s"
+        f"{result['seconds']:.0f} s, CPU {result['cpu_seconds']:.0f} s"
     )
     return result
 
@@ -357,8 +362,11 @@ def write_report(report: dict) -> None:
     lines = [
         "# Explanation quality: several architectures and tasks",
         "",
-        f"Written by `benchmarks/bench_quality.py` ({report['seconds']} s, torch "
-        f"{report['torch']}, {report['threads']} threads). Models: `benchmarks/quality_zoo.py`; "
+        f"Written by `benchmarks/bench_quality.py` ({report['seconds']} s wall on a machine "
+        f"shared with other jobs; {report['cpu_seconds']} s of CPU time: on "
+        f"{report['threads']} dedicated cores between {report['cpu_seconds'] / 60 / 2:.0f} "
+        f"and {report['cpu_seconds'] / 60:.0f} min; torch {report['torch']}, "
+        f"{report['threads']} threads). Models: `benchmarks/quality_zoo.py`; "
         f"{report['n_test']} evidence-present test inputs per model (localisation), "
         f"{report['n_curve']} for deletion / insertion ({report['curve_steps']} steps), "
         f"{report['n_rand']} for the randomisation check. PG = pointing game (strict / ±1 "
@@ -406,10 +414,14 @@ def write_report(report: dict) -> None:
         "",
         "## Choosing the rule (tuning set only)",
         "",
-        "Each candidate: `f fusion | method` = fuse the deepest layer with the deepest layer whose "
-        "grid is at least f of the input per axis (`single`: that layer alone); `last`: the "
-        "deepest layer alone. Targets: strict PG ≥ 0.9 × the model's best single layer (same "
-        "method) and ≥ 0.8. The top 15 and the old default:",
+        "Each candidate: `f=… | method`: the fine layer is the deepest layer whose grid is at "
+        "least f of the input per axis (`stage-1`: the deepest layer one resolution stage finer "
+        "than the deepest feature layer); `single`: the fine layer alone; `pair`: the fine and "
+        "the deepest layer fused (`mean` / `product`); `chain`: the deepest layer of every grid "
+        "from the fine to the deepest layer fused; `blocks`: the same with each stage's block "
+        "output instead of its deepest layer; `last`: the deepest layer alone; `auto`: Grad-CAM "
+        "for classifiers, LayerCAM for segmenters. Targets: strict PG ≥ 0.9 × the model's best "
+        "single layer (same method) and ≥ 0.8. The top 15, the default and the old default:",
         "",
         "| rule | models meeting targets | mean PG | min PG | mean energy PG |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -511,13 +523,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps (when training)")
     parser.add_argument("--retrain", action="store_true", help="retrain even if cached")
-    parser.add_argument("--n-test", type=int, default=20)
-    parser.add_argument("--n-curve", type=int, default=4, help="samples for deletion/insertion")
+    parser.add_argument("--n-test", type=int, default=16)
+    parser.add_argument("--n-curve", type=int, default=3, help="samples for deletion/insertion")
     parser.add_argument("--curve-steps", type=int, default=10)
-    parser.add_argument("--n-rand", type=int, default=4, help="samples for randomisation")
+    parser.add_argument("--n-rand", type=int, default=3, help="samples for randomisation")
     parser.add_argument("--only", nargs="*", help="arch:task pairs (default: all)")
     parser.add_argument("--quick", action="store_true", help="3 models, fewer samples")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: keep the other models' results from results/quality.json (same "
+        "settings) and rewrite the report over all of them",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite quality.md from quality.json"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((RESULTS / "quality.json").read_text()))
+        return
     if args.quick:
         args.only = args.only or ["cnn:shape", "unet:shape", "resnet2d:dark2d"]
         args.n_test, args.n_curve, args.n_rand = 8, 2, 2
@@ -527,8 +551,20 @@ def main() -> None:
     pairs = zoo.TUNING + zoo.HELD_OUT
     if args.only:
         pairs = [tuple(p.split(":")) for p in args.only]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     models = [evaluate_model(a, t, args, print) for a, t in pairs]
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    if args.merge:
+        old = json.loads((RESULTS / "quality.json").read_text())
+        settings = ("n_test", "n_curve", "curve_steps", "n_rand")
+        if any(old[k] != getattr(args, k) for k in settings):
+            raise SystemExit("--merge: results/quality.json was written with other settings")
+        done = {(m["arch"], m["task"]) for m in models}
+        kept = [m for m in old["models"] if (m["arch"], m["task"]) not in done]
+        order = {p: i for i, p in enumerate(zoo.TUNING + zoo.HELD_OUT)}
+        models = sorted(kept + models, key=lambda m: order.get((m["arch"], m["task"]), 99))
+        seconds = sum(m["seconds"] for m in models)
+        cpu_seconds = sum(m["cpu_seconds"] for m in models)
     tuning = [m for m in models if not m["held_out"]]
     held = [m for m in models if m["held_out"]]
     report = {
@@ -545,7 +581,8 @@ def main() -> None:
         "tuning_summary": summarise(tuning),
         "held_out_summary": summarise(held),
         "models": models,
-        "seconds": round(time.perf_counter() - t0),
+        "seconds": round(seconds),
+        "cpu_seconds": round(cpu_seconds),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -45,7 +45,7 @@ def test_demo(tmp_path):
     record = json.loads((out / "classifier" / "classifier.json").read_text())
     # the default fuses the 6^3 last layer with the 12^3 layer (1/4 of the 48^3 input)
     assert record["explanation"]["feature_shapes"] == {
-        "features.denseblock1": [12, 12, 12],
+        "features.transition1.conv": [12, 12, 12],
         "class_layers.relu": [6, 6, 6],
     }
     assert record["explanation"]["layers_chosen_by"].startswith("auto: ")

@@ -116,6 +116,7 @@ def auto_choice(
     stages_back: int | None = None,
     chain: bool = DEFAULT_CHAIN,
     fusion: Fusion | None = DEFAULT_FUSION,
+    block_outputs: bool = False,
 ) -> AutoChoice:
     """Choose the default target layer(s) from one shape pass.
 
@@ -139,6 +140,11 @@ def auto_choice(
         layer (``False``: the fine and the deep layer only).
     fusion:
         How to combine the layers; ``None`` explains the fine layer alone.
+    block_outputs:
+        Represent each resolution stage by the outermost module ending it (a block's output,
+        see :func:`_outermost`) instead of its deepest layer (the default: on DenseNets the
+        deepest layer is the transition's 1x1 conv, which localised better than the dense
+        block's concatenated output in ``benchmarks/bench_quality.py`` and the demo).
 
     Returns
     -------
@@ -160,10 +166,14 @@ def auto_choice(
     rank = cands[-1].spatial_rank
     spatial = tuple(int(s) for s in input_shape)[-rank:]
     deep = cands[-1]
+
+    def pick(info: LayerInfo) -> LayerInfo:
+        return _outermost(cands, info) if block_outputs else info
+
     inp, deep_grid = _grid(spatial), _grid(deep.feature_shape)
     if stages_back is not None:
         fine = _stage_layer(cands, stages_back)
-        fine = fine and _outermost(cands, fine)
+        fine = fine and pick(fine)
         what = f"{stages_back} resolution stage{'s' if stages_back > 1 else ''} finer"
         if fine is None:
             rule = (
@@ -186,7 +196,7 @@ def auto_choice(
         )
         what = f"whose grid is at least {frac} of the input {inp} per axis"
         if fine is not None and fine is not deep:
-            fine = _outermost(cands, fine)
+            fine = pick(fine)
         if fine is None:
             rule = (
                 f"every feature grid is coarser than {frac} of the input {inp} on some axis; "
@@ -212,7 +222,7 @@ def auto_choice(
             f"deepest layer {what}, {fine_text}"
         )
         return AutoChoice([fine.name, deep.name], fusion, rule, _grids([fine, deep]))
-    layers = _chain(cands, fine)
+    layers = _chain(cands, fine, pick)
     listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in layers)
     rule = (
         f"{fusion} fusion of the deepest layer of each resolution stage, from the deepest "
@@ -221,16 +231,16 @@ def auto_choice(
     return AutoChoice([i.name for i in layers], fusion, rule, _grids(layers))
 
 
-def _chain(cands: Sequence[LayerInfo], fine: LayerInfo) -> list[LayerInfo]:
+def _chain(cands: Sequence[LayerInfo], fine: LayerInfo, pick) -> list[LayerInfo]:
     """One layer per resolution stage from ``fine`` to the deepest candidate, in execution
-    order: the deepest candidate, and for each finer grid met walking back from it the block
-    output that ends the stage (see :func:`_outermost`)."""
+    order: the deepest candidate, and for each finer grid met walking back from it the deepest
+    layer of that grid (``pick``: or the block output that ends the stage)."""
     out, grid = [cands[-1]], tuple(cands[-1].feature_shape)
     for info in reversed(cands):
         if tuple(info.feature_shape) == tuple(fine.feature_shape):
             break
         if _finer(info.feature_shape, grid) and _finer(fine.feature_shape, info.feature_shape):
-            out.append(_outermost(cands, info))
+            out.append(pick(info))
             grid = tuple(info.feature_shape)
     return [fine, *out[::-1]]
 

@@ -26,33 +26,40 @@ def choose(net: nn.Module, x: torch.Tensor, **kw):
 
 
 @pytest.mark.slow
-def test_densenet121_fuses_one_block_per_resolution_stage():
-    # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3 (1/4) for denseblock1;
-    # each transition's avg-pool halves the grid: denseblock2 8^3, denseblock3 4^3,
-    # denseblock4 / class_layers.relu 2^3. Each stage is represented by its block's output,
-    # not by the transition layers that still have its grid before their pool.
+def test_densenet121_fuses_one_layer_per_resolution_stage():
+    # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3 (1/4); denseblock1 and
+    # the 1x1 conv of transition1 stay at 16^3, its avg-pool halves to 8^3; transitions 2 and
+    # 3 -> 4^3 and 2^3 for denseblock4 / class_layers.relu. The deepest layer of each grid
+    # before a pool is the transition's conv.
     net = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     c = choose(net, torch.zeros(1, 1, 64, 64, 64))
     assert c.grids == {
-        "features.denseblock1": (16, 16, 16),
-        "features.denseblock2": (8, 8, 8),
-        "features.denseblock3": (4, 4, 4),
+        "features.transition1.conv": (16, 16, 16),
+        "features.transition2.conv": (8, 8, 8),
+        "features.transition3.conv": (4, 4, 4),
         "class_layers.relu": (2, 2, 2),
     }
     assert c.layers == list(c.grids) and c.fusion == "product"
     assert "1/4 of the input 64x64x64" in c.rule and "class_layers.relu (2x2x2)" in c.rule
     pair = choose(net, torch.zeros(1, 1, 64, 64, 64), chain=False, fusion="mean")
-    assert pair.layers == ["features.denseblock1", "class_layers.relu"]
+    assert pair.layers == ["features.transition1.conv", "class_layers.relu"]
     assert pair.fusion == "mean"
+    # the variant the benchmark compares: each stage's block output
+    blocks = choose(net, torch.zeros(1, 1, 64, 64, 64), block_outputs=True)
+    assert blocks.layers[:3] == [f"features.denseblock{i}" for i in (1, 2, 3)]
 
 
-def test_resnet50_stages_are_block_outputs():
+def test_resnet50_bottleneck_stages():
     # In a bottleneck the stride sits in conv2, so layer3.0.conv1 / bn1 still have layer2's
-    # grid; the stage is represented by layer2 itself
+    # 16^2 grid (layer3.0.relu runs three times per block: not a candidate). The deepest
+    # layer of each grid is therefore the next stage's first bn1; block_outputs=True takes
+    # the stage's own output instead.
     net = resnet50(spatial_dims=2, n_input_channels=1, num_classes=2)
     c = choose(net, torch.zeros(1, 1, 64, 64))
-    assert c.layers == ["layer2", "layer3", "layer4"]
-    assert c.grids == {"layer2": (16, 16), "layer3": (8, 8), "layer4": (4, 4)}
+    assert c.grids == {"layer3.0.bn1": (16, 16), "layer4.0.bn1": (8, 8), "layer4": (4, 4)}
+    assert c.layers == list(c.grids)
+    blocks = choose(net, torch.zeros(1, 1, 64, 64), block_outputs=True)
+    assert blocks.grids == {"layer2": (16, 16), "layer3": (8, 8), "layer4": (4, 4)}
 
 
 def test_resnet18_2d_fuses_layer2_to_layer4():
@@ -159,6 +166,7 @@ def test_a_module_named_last_is_a_layer_name():
 def test_every_entry_point_has_the_same_default():
     from medcam import cli
     from medcam.bundle import CAMHandler
+    from medcam.pipeline import ExplainSettings
     from medcam.runner import cohort_processor, explain_inputs, load_timepoints
 
     config = json.loads((ROOT / "configs" / "medcam.json").read_text())["medcam"]
@@ -171,8 +179,9 @@ def test_every_entry_point_has_the_same_default():
         explain_inputs,
         load_timepoints,
         cohort_processor,
+        ExplainSettings,
     ]
-    commands = [cli.explain, cli.compare, cli.cohort_run]
+    commands = [cli.explain, cli.compare, cli.cohort_run, cli.listen]
     for param in ("layers", "method"):
         defaults = {inspect.signature(f).parameters[param].default for f in functions}
         for command in commands:
@@ -207,10 +216,27 @@ def test_layers_command_shows_the_default_and_why():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     marked = [ln.split()[0] for ln in lines if ln.endswith("<- default")]
-    assert marked == ["features.denseblock1", "class_layers.relu"]
+    assert marked == ["features.transition1.conv", "class_layers.relu"]
     summary = next(ln for ln in lines if ln.startswith("default (--layer auto)"))
-    assert "features.denseblock1 + class_layers.relu, product fusion" in summary
+    assert "features.transition1.conv + class_layers.relu, product fusion" in summary
     why = next(ln for ln in lines if ln.strip().startswith("why:"))
     assert "(6x6x6)" in why and "(12x12x12)" in why
+    assert "method (--method auto): classifier output" in result.output
     seg = CliRunner().invoke(main, ["layers", "--bundle", str(bundle / "segment3d")])
     assert "default (--layer auto) for input (1, 48, 48, 48): model.1\n" in seg.output
+    assert "method (--method auto): segmentation output (B, C, *spatial): LayerCAM" in seg.output
+
+
+def test_sliding_windows_resolve_the_auto_method():
+    from medcam.engine import explain_sliding_window
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    x = torch.randn(1, 1, 24, 24, 24)
+    auto = explain_sliding_window(medcam.Explainer(net), x, (16, 16, 16), 1)
+    named = explain_sliding_window(medcam.Explainer(net, method="layercam"), x, (16, 16, 16), 1)
+    assert auto.method == "layercam" and auto.extra["sliding_window"]["windows"] > 1
+    meta = auto.metadata()
+    assert meta["method_chosen_by"].startswith("auto: segmentation output")
+    assert meta["layers_chosen_by"].startswith("auto: ") and auto.layers == ["model.1"]
+    torch.testing.assert_close(auto.heatmap, named.heatmap)

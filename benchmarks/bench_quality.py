@@ -376,6 +376,7 @@ def write_report(report: dict) -> None:
         "",
         f'Default (`layers="auto"`, `method="auto"`): {report["default_rule"]}.',
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "## Summary: strict pointing game per model",
         "",
         "| set | architecture | task | quality | default | best single layer | old default "

@@ -13,8 +13,8 @@ Tuning set (used to choose the default layer rule) and held-out set (only evalua
   calcifications as distractors). 3D at 32^3, 2D at 64^2; object sizes and positions vary.
 - architectures: ``cnn`` (plain stride-2 CNN), ``densenet`` (MONAI DenseNet), ``resnet`` (MONAI
   ResNet), ``unet`` (MONAI UNet segmenter), ``densenet2d``; held out: ``classifier`` (MONAI
-  Classifier: strided residual units, flatten + linear head), ``segresnet`` (MONAI SegResNet
-  segmenter) and ``resnet2d``.
+  Classifier: strided residual units, flatten + linear head) and ``resnet2d`` (``segresnet``,
+  a MONAI SegResNet segmenter, is defined but not yet trained: see ``NOT_YET_TRAINED``).
 """
 
 from __future__ import annotations
@@ -346,11 +346,13 @@ TUNING = [
 HELD_OUT = [
     ("classifier", "shell"),
     ("classifier", "dark"),
-    ("segresnet", "shell"),
-    ("segresnet", "dark"),
     ("resnet2d", "shell2d"),
     ("resnet2d", "dark2d"),
 ]
+# Planned as held-out segmenters, not in the committed results: their training did not finish
+# on the shared 2-core machine in the session (about 6 s of CPU per step, 100+ steps each).
+# Train and add them with ``bench_quality.py --only segresnet:shell segresnet:dark --merge``.
+NOT_YET_TRAINED = [("segresnet", "shell"), ("segresnet", "dark")]
 
 
 # ------------------------------------------------------------------------------------ training

@@ -192,8 +192,8 @@ class Explainer:
     layers:
         ``"auto"`` (default: chosen from one shape-only forward pass by
         :func:`medcam.engine.auto.auto_choice`: the deepest feature layer, fused with the
-        block output of every coarser resolution stage back to the deepest layer whose grid is
-        at least 1/4 of the input per axis; recorded in ``metadata()["layers_chosen_by"]``),
+        deepest layer of every finer grid back to the deepest layer whose grid is at least 1/4
+        of the input per axis; recorded in ``metadata()["layers_chosen_by"]``),
         ``"last"`` (the last layer whose output is still a feature map with extent > 1, the
         earlier default), a module name such as ``"features.denseblock4"``, a module object,
         or a list of these.

@@ -1,240 +1,594 @@
-"""Explanation quality on a synthetic 3D task with known object masks.
+"""Explanation quality over several architectures and tasks; the evidence for the default layer.
 
-    python benchmarks/bench_quality.py            # ~6-10 min on 2 CPU cores (trains once, cached)
+    python benchmarks/bench_quality.py               # ~10-15 min on 2 CPU cores (weights cached)
+    python benchmarks/bench_quality.py --quick       # 3 models, fewer samples: a smoke run
+    python benchmarks/bench_quality.py --retrain     # retrain every model (~1-2 h on 2 cores)
 
-Task: 64^3 noisy volumes with three objects of equal volume and intensity; class 1 when one of
-them is a cube, class 0 when all are spheres. The cube's mask is the ground truth of "where the
-evidence is". A small 3D CNN is trained (seeded) to >= 95 % accuracy and its weights cached in
-``results/quality_model.pt``. For every method (and two-layer fusions), on held-out class-1
-volumes, the script reports the pointing game (strict and +-1 voxel), the energy pointing
-game, the IoU of the top voxels, deletion / insertion AUC (heat order vs random order) and the
-model-randomisation sanity check (Spearman between maps of the trained and a re-initialised
-model), plus a random map and the input intensity as baselines. Results go to
-``results/quality.json`` and ``.md``.
+Models and tasks are in ``quality_zoo.py``: small MONAI / plain CNNs (2D and 3D classifiers
+and segmenters) trained seeded on synthetic tasks whose evidence has a known mask. The models
+are split into a **tuning** set, on which the candidate layer rules are compared and the
+default is chosen, and a **held-out** set (other architectures and other tasks), evaluated only.
+
+For every model, on held-out evidence-present inputs:
+
+1. **Layer sweep**: every candidate layer, every gradient method: pointing game (strict / +-1
+   voxel), energy pointing game, top-voxel IoU. The best single layer is the layer with the
+   highest strict pointing game for the default method (an oracle: chosen on the test set).
+2. **Rule candidates**: "the deepest layer" and "fuse the deepest layer with the deepest layer
+   whose grid is at least f of the input per axis" for several f, fusions and methods, computed
+   from the sweep's maps with :func:`medcam.engine.auto.auto_choice`.
+3. **Full rows** for every method at the default layers (``layers="auto"``, end to end through
+   :class:`medcam.Explainer`), the default, the old default (``layers="last"``), the best single
+   layer, and the random and input-intensity baselines: the four localisation metrics plus
+   deletion / insertion AUC and the model-randomisation check (Spearman between the maps of the
+   trained and of a re-initialised model; low is good).
+
+Classifiers explain the evidence class (1); segmenters ``SegmentationTarget(1)`` over their
+predicted region. Results go to ``results/quality.json`` and ``results/quality.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import quality_zoo as zoo
 
 import medcam
 from medcam import evaluate as ev
+from medcam.engine.auto import auto_choice, auto_method
+from medcam.engine.layers import list_layers
+from medcam.engine.postprocess import fuse_maps, upsample
 
 RESULTS = Path(__file__).parent / "results"
-SIZE = 64
-RADIUS = 6.0
-SIDE = RADIUS * (4 * np.pi / 3) ** (1 / 3)  # cube of the sphere's volume
+SWEEP_METHODS = ("gradcam", "hirescam", "layercam")
+ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "cam")
 
 
-def make_volumes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, 1, 64, 64, 64) volumes, labels, cube masks (all-false for class 0)."""
-    rng = np.random.default_rng(seed)
-    ax = np.arange(SIZE, dtype=np.float32)
-    x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")
-    vols = rng.normal(0, 0.25, (n, 1, SIZE, SIZE, SIZE)).astype(np.float32)
-    labels = (rng.random(n) < 0.5).astype(np.int64)
-    masks = np.zeros((n, SIZE, SIZE, SIZE), bool)
-    for i in range(n):
-        centres: list[np.ndarray] = []
-        while len(centres) < 3:
-            c = rng.uniform(10, SIZE - 10, 3)
-            if all(np.linalg.norm(c - o) > 4 * RADIUS for o in centres):
-                centres.append(c)
-        for j, c in enumerate(centres):
-            if labels[i] == 1 and j == 0:
-                half = SIDE / 2
-                obj = (
-                    (np.abs(x - c[0]) <= half)
-                    & (np.abs(y - c[1]) <= half)
-                    & (np.abs(z - c[2]) <= half)
-                )
-                masks[i] = obj
-            else:
-                obj = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= RADIUS**2
-            vols[i, 0][obj] += 1.0
-    return torch.from_numpy(vols), torch.from_numpy(labels), torch.from_numpy(masks)
+def _rules() -> dict[str, dict]:
+    """Rule candidates: ``auto_choice`` settings by name (``last``: the deepest layer alone)."""
+    out: dict[str, dict] = {"last": {"min_fraction": 0}}
+    for fine in ("f=1/2", "f=1/4", "f=1/8", "stage-1"):
+        how = {"stages_back": 1} if fine == "stage-1" else {"min_fraction": Fraction(fine[2:])}
+        out[f"{fine} single"] = {**how, "fusion": None}
+        for fusion in ("mean", "product"):
+            out[f"{fine} pair {fusion}"] = {**how, "fusion": fusion, "chain": False}
+            if fine != "stage-1":
+                out[f"{fine} chain {fusion}"] = {**how, "fusion": fusion, "chain": True}
+                out[f"{fine} chain {fusion} blocks"] = {
+                    **how,
+                    "fusion": fusion,
+                    "chain": True,
+                    "block_outputs": True,
+                }
+    return out
 
 
-def make_model() -> nn.Module:
-    def block(i, o):
-        return [nn.Conv3d(i, o, 3, padding=1), nn.BatchNorm3d(o), nn.ReLU()]
-
-    return nn.Sequential(
-        nn.Conv3d(1, 8, 3, stride=2, padding=1), nn.BatchNorm3d(8), nn.ReLU(),  # 32^3
-        *block(8, 16), nn.MaxPool3d(2),  # 16^3
-        *block(16, 32), nn.MaxPool3d(2),  # 8^3 (layer 9 = the 16^3 ReLU before it)
-        *block(32, 32),  # 8^3 (layer 13 = the last ReLU)
-        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 2),
-    )  # fmt: skip
+RULES = _rules()
+DEFAULT_RULE = "f=1/4 chain product | auto"  # what layers="auto", method="auto" do
+BATCH = 8
 
 
-def train(path: Path, steps: int, log) -> nn.Module:
-    torch.manual_seed(0)
-    model = make_model()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
-    model.train()
-    for step in range(steps):
-        x, y, _ = make_volumes(8, seed=1000 + step)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            log(f"  step {step}: loss {loss.item():.3f}")
-    model.eval()
-    torch.save(model.state_dict(), path)
-    return model
+# ------------------------------------------------------------------------------------- helpers
+def target_for(arch: zoo.Arch):
+    return medcam.SegmentationTarget(1) if arch.segmentation else 1
 
 
-def evaluate_maps(name, heat, x, masks, score_fn, n_curve, steps, rand_spearman=None) -> dict:
-    row = {
-        "method": name,
-        "pointing_game": ev.pointing_game(heat, masks),
-        "pointing_game_pm1": ev.pointing_game(heat, masks, tolerance=1),
-        "energy_pointing_game": ev.energy_pointing_game(heat, masks),
-        "top_iou": ev.top_iou(heat, masks),
+_DILATED: list = [None, None]  # (masks, masks dilated by one voxel)
+
+
+def loc_metrics(heat: torch.Tensor, masks: torch.Tensor, rank: int) -> dict:
+    # PG +-1 = strict PG against the mask dilated by one voxel; dilate each mask set once
+    if _DILATED[0] is not masks:
+        pool = torch.nn.functional.max_pool3d if rank == 3 else torch.nn.functional.max_pool2d
+        _DILATED[:] = [masks, pool(masks[:, None].float(), 3, stride=1, padding=1)[:, 0].bool()]
+    return {
+        "pg": ev.pointing_game(heat, masks, spatial_rank=rank),
+        "pg1": ev.pointing_game(heat, _DILATED[1], spatial_rank=rank),
+        "energy": ev.energy_pointing_game(heat, masks, spatial_rank=rank),
+        "iou": ev.top_iou(heat, masks, spatial_rank=rank),
     }
-    dels, ins = [], []
-    for i in range(n_curve):
-        dels.append(ev.deletion_auc(score_fn, x[i], heat[i], steps=steps))
-        ins.append(ev.insertion_auc(score_fn, x[i], heat[i], steps=steps))
-    row["deletion_auc"] = float(np.mean(dels))
-    row["insertion_auc"] = float(np.mean(ins))
-    row["randomization_spearman"] = rand_spearman
+
+
+def sweep(model, arch, x, names) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw maps ``(N, *S_layer)`` of every layer for every sweep method (feature resolution)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for method in SWEEP_METHODS:
+        explainer = medcam.Explainer(model, names, method)
+        parts = [
+            explainer(x[i : i + BATCH], target_for(arch), upsample_to_input=False).raw
+            for i in range(0, len(x), BATCH)
+        ]
+        out[method] = {n: torch.cat([p[n][:, 0] for p in parts]) for n in names}
+    return out
+
+
+def combine(raw: dict[str, torch.Tensor], layers: list[str], fusion, spatial) -> torch.Tensor:
+    """``(N, *spatial)`` map of ``layers`` (fused when several) from sweep maps."""
+    maps = [upsample(raw[name][:, None], spatial) for name in layers]
+    if len(maps) == 1:
+        return maps[0][:, 0]
+    return fuse_maps(maps, fusion)[:, 0]
+
+
+def score_fns(model, arch, x):
+    """Per-sample ``batch -> score`` for deletion / insertion curves."""
+    if not arch.segmentation:
+        return [lambda b: model(b).softmax(1)[:, 1] for _ in range(len(x))]
+    with torch.no_grad():
+        regions = torch.cat(
+            [model(x[i : i + BATCH]).argmax(1) == 1 for i in range(0, len(x), BATCH)]
+        )
+
+    def make(region):
+        def fn(b):
+            p = model(b).softmax(1)[:, 1]
+            return (p * region).flatten(1).sum(1) / region.sum().clamp_min(1)
+
+        return fn
+
+    return [make(r.float()) for r in regions]
+
+
+def randomisation(model, arch, x, kw) -> float:
+    """Mean Spearman between the maps of the trained and of a re-initialised model."""
+    if not arch.segmentation:
+        values = ev.randomization_spearman(model, x, target=1, **kw)
+        return _nanmean(values)
+    with torch.no_grad():
+        region = (model(x).argmax(1) == 1).float()
+    target = medcam.SegmentationTarget(1, mask=region)
+    trained = medcam.explain(model, x, target, **kw).heatmap[:, 0]
+    rand = medcam.explain(ev.randomized_copy(model), x, target, **kw).heatmap[:, 0]
+    return _nanmean([ev.spearman(a, b) for a, b in zip(trained, rand, strict=True)])
+
+
+def _nanmean(values) -> float | None:
+    """Mean over the defined values (Spearman is undefined when a map is constant, e.g. all
+    zero for a re-initialised model); ``None`` when none is defined."""
+    v = np.asarray(values, float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else None
+
+
+def full_row(name, heat, x, masks, rank, fns, args, *, kw=None, model=None, arch=None) -> dict:
+    row = {"config": name, **loc_metrics(heat, masks, rank)}
+    n = min(args.n_curve, len(x))
+    kw_curve = {"steps": args.curve_steps, "batch_size": args.curve_steps + 1}
+    row["deletion"] = float(
+        np.mean([ev.deletion_auc(fns[i], x[i], heat[i], **kw_curve) for i in range(n)])
+    )
+    row["insertion"] = float(
+        np.mean([ev.insertion_auc(fns[i], x[i], heat[i], **kw_curve) for i in range(n)])
+    )
+    row["randomisation"] = (
+        randomisation(model, arch, x[: args.n_rand], kw) if kw is not None else None
+    )
     return row
+
+
+def explain_all(model, arch, x, **kw) -> tuple[torch.Tensor, medcam.CAMResult]:
+    explainer = medcam.Explainer(model, kw.get("layers", "auto"), kw.get("method", "auto"))
+    results = [explainer(x[i : i + BATCH], target_for(arch)) for i in range(0, len(x), BATCH)]
+    return torch.cat([r.heatmap[:, 0] for r in results]), results[0]
+
+
+# ---------------------------------------------------------------------------------- one model
+def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    arch, task = zoo.ARCHS[arch_name], zoo.TASKS[task_name]
+    model, record = zoo.load_or_train(
+        arch_name, task_name, steps=args.steps, retrain=args.retrain, log=log
+    )
+    rank = task.dims
+    xs, ys, ms = task.make(4 * args.n_test, seed=500_000)
+    x, masks = xs[ys == 1][: args.n_test], ms[ys == 1][: args.n_test]
+    spatial = tuple(x.shape[2:])
+    infos = list_layers(model, x[:1])
+    with torch.no_grad():
+        out_shape = tuple(model(x[:1]).shape)
+    default = auto_choice(infos, spatial, out_shape)
+    method = auto_method(out_shape)[0]  # what method="auto" uses for this model
+    names = [i.name for i in infos if i.is_candidate and i.output_shape != out_shape]
+    grids = {i.name: list(i.feature_shape) for i in infos if i.name in names}
+
+    # 1. layer sweep
+    raw = sweep(model, arch, x, names)
+    layer_rows = {
+        m: {n: loc_metrics(combine(raw[m], [n], None, spatial), masks, rank) for n in names}
+        for m in SWEEP_METHODS
+    }
+    # 2. rule candidates
+    rules = {}
+    for m in SWEEP_METHODS:
+        for key, how in RULES.items():
+            ch = auto_choice(infos, spatial, out_shape, **how)
+            heat = combine(raw[m], ch.layers, ch.fusion, spatial)
+            rules[f"{key} | {m}"] = {"layers": ch.layers, **loc_metrics(heat, masks, rank)}
+    for key in RULES:
+        rules[f"{key} | auto"] = rules[f"{key} | {method}"]
+    # 3. full rows
+    best_layer = max(
+        names, key=lambda n: (layer_rows[method][n]["pg"], layer_rows[method][n]["energy"])
+    )
+    fns = score_fns(model, arch, x)
+    rows = []
+    chosen_by = None
+    for m in ALL_METHODS:
+        kw = {"layers": "auto", "method": m}
+        try:
+            heat, _ = explain_all(model, arch, x, **kw)
+        except medcam.MedcamError as err:
+            rows.append({"config": f"{m} @ default layers", "error": str(err).split(";")[0]})
+            continue
+        name = f"{m} @ default layers" + (" = **default** (auto)" if m == method else "")
+        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model, arch=arch))
+        if m == method:
+            auto = explain_all(model, arch, x[:BATCH])[1]  # layers="auto", method="auto"
+            assert auto.layers == default.layers and auto.method == method
+            chosen_by = auto.metadata()["layers_chosen_by"]
+    for name, kw in (
+        ("last layer, gradcam (old default)", {"layers": "last", "method": "gradcam"}),
+        (f"best single layer ({best_layer}, {method})", {"layers": best_layer, "method": method}),
+    ):
+        heat, _ = explain_all(model, arch, x, **kw)
+        rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model, arch=arch))
+    gen = torch.Generator().manual_seed(0)
+    rows.append(
+        full_row(
+            "baseline: random map",
+            torch.rand(x[:, 0].shape, generator=gen),
+            x,
+            masks,
+            rank,
+            fns,
+            args,
+        )
+    )
+    rows.append(
+        full_row("baseline: input intensity", x[:, 0].clamp_min(0), x, masks, rank, fns, args)
+    )
+    n = min(args.n_curve, len(x))
+    kw_curve = {"steps": args.curve_steps, "batch_size": args.curve_steps + 1, "order": "random"}
+    rand_order = {
+        "deletion": float(
+            np.mean([ev.deletion_auc(fns[i], x[i], x[i, 0], **kw_curve) for i in range(n)])
+        ),
+        "insertion": float(
+            np.mean([ev.insertion_auc(fns[i], x[i], x[i, 0], **kw_curve) for i in range(n)])
+        ),
+    }
+    result = {
+        "arch": arch_name,
+        "task": task_name,
+        "held_out": arch.held_out or task.held_out,
+        "arch_description": arch.description,
+        "task_description": task.description,
+        "segmentation": arch.segmentation,
+        "record": record,
+        "input": list(spatial),
+        "n_test": len(x),
+        "default_layers": default.layers,
+        "default_fusion": default.fusion,
+        "default_method": method,
+        "layers_chosen_by": chosen_by,
+        "grids": grids,
+        "best_single_layer": best_layer,
+        "layer_sweep": layer_rows,
+        "rules": rules,
+        "rows": rows,
+        "random_order": rand_order,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
+    }
+    d = next(r for r in rows if "default**" in r["config"])
+    b = next(r for r in rows if r["config"].startswith("best single"))
+    o = next(r for r in rows if r["config"].startswith("last layer"))
+    log(
+        f"{arch_name}/{task_name}: quality {record.get('quality', float('nan')):.2f}; PG default "
+        f"{d['pg']:.2f}, best single {b['pg']:.2f} ({best_layer}), old default {o['pg']:.2f}; "
+        f"{result['seconds']:.0f} s, CPU {result['cpu_seconds']:.0f} s"
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- rule selection
+def rule_table(models: list[dict]) -> list[dict]:
+    """Every rule candidate over ``models``: mean / min strict PG, share of models meeting the
+    targets (>= 0.9 x best single layer of the same method and >= 0.8), mean energy PG."""
+    keys = list(models[0]["rules"])
+    out = []
+    for key in keys:
+        method = key.split(" | ")[1]
+        pgs, ok, energy = [], 0, []
+        for m in models:
+            r = m["rules"][key]
+            ref = m["default_method"] if method == "auto" else method
+            best = max(v["pg"] for v in m["layer_sweep"][ref].values())
+            pgs.append(r["pg"])
+            energy.append(r["energy"])
+            ok += r["pg"] >= 0.9 * best - 1e-9 and r["pg"] >= 0.8
+        out.append(
+            {
+                "rule": key,
+                "mean_pg": float(np.mean(pgs)),
+                "min_pg": float(np.min(pgs)),
+                "meets_targets": ok,
+                "n": len(models),
+                "mean_energy": float(np.mean(energy)),
+            }
+        )
+    out.sort(key=lambda r: (-r["meets_targets"], -r["mean_pg"], -r["min_pg"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------- report
+def _round(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    return v
+
+
+def _compact_json(report: dict) -> str:
+    """One line per model and per top-level entry (the layer sweeps make it long otherwise)."""
+    parts = []
+    for key, value in report.items():
+        if key == "models":
+            rows = ",\n  ".join(json.dumps(_round(m)) for m in value)
+            parts.append(f'"models": [\n  {rows}\n ]')
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(_round(value))}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
+
+
+def _f(v, digits=2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def write_report(report: dict) -> None:
+    (RESULTS / "quality.json").write_text(_compact_json(report))
+    lines = [
+        "# Explanation quality: several architectures and tasks",
+        "",
+        f"Written by `benchmarks/bench_quality.py` ({report['seconds']} s wall on a machine "
+        f"shared with other jobs; {report['cpu_seconds']} s of CPU time: on "
+        f"{report['threads']} dedicated cores between {report['cpu_seconds'] / 60 / 2:.0f} "
+        f"and {report['cpu_seconds'] / 60:.0f} min; torch {report['torch']}, "
+        f"{report['threads']} threads). Models: `benchmarks/quality_zoo.py`; "
+        f"{report['n_test']} evidence-present test inputs per model (localisation), "
+        f"{report['n_curve']} for deletion / insertion ({report['curve_steps']} steps), "
+        f"{report['n_rand']} for the randomisation check. PG = pointing game (strict / ±1 "
+        "voxel), energy = energy pointing game, IoU = top-voxel IoU, del ↓ / ins ↑ = "
+        "deletion / insertion AUC, rand ↓ = Spearman between maps of the trained and a "
+        "re-initialised model.",
+        "",
+        f'Default (`layers="auto"`, `method="auto"`): {report["default_rule"]}.',
+        "",
+        *([report["note"], ""] if report.get("note") else []),
+        "## Summary: strict pointing game per model",
+        "",
+        "| set | architecture | task | quality | default | best single layer | old default "
+        "(last layer) | intensity | default ≥ 0.9 × best and ≥ 0.8 | energy > intensity |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for m in report["models"]:
+        d = next(r for r in m["rows"] if "default**" in r["config"])
+        b = next(r for r in m["rows"] if r["config"].startswith("best single"))
+        o = next(r for r in m["rows"] if r["config"].startswith("last layer"))
+        i = next(r for r in m["rows"] if r["config"].endswith("intensity"))
+        ok = d["pg"] >= 0.9 * b["pg"] - 1e-9 and d["pg"] >= 0.8
+        q = m["record"].get("quality")
+        qn = ("Dice " if m["segmentation"] else "acc ") + _f(q)
+        lines.append(
+            f"| {'held out' if m['held_out'] else 'tuning'} | {m['arch']} | {m['task']} | {qn} "
+            f"| {d['pg']:.2f} | {b['pg']:.2f} | {o['pg']:.2f} | {i['pg']:.2f} | "
+            f"{'yes' if ok else '**no**'} | {'yes' if d['energy'] > i['energy'] else '**no**'} |"
+        )
+    for label, key in (("tuning", "tuning_summary"), ("held-out", "held_out_summary")):
+        s = report[key]
+        if not s:
+            continue
+        lines.append("")
+        lines.append(
+            f"{label.capitalize()} set, {s['n']} models: mean strict PG default {s['default']:.2f}"
+            f", best single layer {s['best']:.2f}, old default {s['old']:.2f}, intensity "
+            f"{s['intensity']:.2f}; targets met by {s['ok']} of {s['n']}, energy PG above the "
+            f"intensity baseline on {s['energy_ok']} of {s['n']}. Mean deletion AUC default "
+            f"{s['del_default']:.3f} vs old default {s['del_old']:.3f} (default lower or equal on "
+            f"{s['del_ok']} of {s['n']}), insertion {s['ins_default']:.3f} vs "
+            f"{s['ins_old']:.3f} (higher or equal on {s['ins_ok']}); mean randomisation Spearman "
+            f"default {_f(s['rand_default'])} vs old {_f(s['rand_old'])}."
+        )
+    lines += [
+        "",
+        "## Choosing the rule (tuning set only)",
+        "",
+        "Each candidate: `f=… | method`: the fine layer is the deepest layer whose grid is at "
+        "least f of the input per axis (`stage-1`: the deepest layer one resolution stage finer "
+        "than the deepest feature layer); `single`: the fine layer alone; `pair`: the fine and "
+        "the deepest layer fused (`mean` / `product`); `chain`: the deepest layer of every grid "
+        "from the fine to the deepest layer fused; `blocks`: the same with each stage's block "
+        "output instead of its deepest layer; `last`: the deepest layer alone; `auto`: Grad-CAM "
+        "for classifiers, LayerCAM for segmenters. Targets: strict PG ≥ 0.9 × the model's best "
+        "single layer (same method) and ≥ 0.8. The top 15, the default and the old default:",
+        "",
+        "| rule | models meeting targets | mean PG | min PG | mean energy PG |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    table = report["rule_selection"]
+    shown = table[:15] + [r for r in table[15:] if r["rule"] in ("last | gradcam", DEFAULT_RULE)]
+    for r in shown:
+        lines.append(
+            f"| {r['rule']} | {r['meets_targets']} / {r['n']} | {r['mean_pg']:.2f} | "
+            f"{r['min_pg']:.2f} | {r['mean_energy']:.3f} |"
+        )
+    lines += [
+        "",
+        "The same candidates on the held-out set (evaluated, not used to choose):",
+        "",
+        "| rule | models meeting targets | mean PG | min PG | mean energy PG |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    held = {r["rule"]: r for r in report["rule_check_held_out"]}
+    for r in shown:
+        h = held.get(r["rule"])
+        if h:
+            lines.append(
+                f"| {h['rule']} | {h['meets_targets']} / {h['n']} | {h['mean_pg']:.2f} "
+                f"| {h['min_pg']:.2f} | {h['mean_energy']:.3f} |"
+            )
+    lines += ["", "## Per model", ""]
+    header = (
+        "| config | PG | PG ±1 | energy | IoU | del ↓ | ins ↑ | rand ↓ |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for m in report["models"]:
+        rec = m["record"]
+        lines += [
+            f"### {m['arch']} / {m['task']} ({'held out' if m['held_out'] else 'tuning'})",
+            "",
+            f"{m['arch_description']}; {m['task_description']}. {rec.get('parameters', '?')} "
+            f"parameters, {'Dice' if m['segmentation'] else 'accuracy'} "
+            f"{_f(rec.get('quality'))}. Default: {', '.join(m['default_layers'])} "
+            f"(grids {', '.join('x'.join(map(str, m['grids'][n])) for n in m['default_layers'])}"
+            f"{', ' + m['default_fusion'] if m['default_fusion'] else ''}). Random-order "
+            f"deletion {m['random_order']['deletion']:.3f}, insertion "
+            f"{m['random_order']['insertion']:.3f}.",
+            "",
+            header,
+        ]
+        for r in m["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['config']} | n/a: {r['error']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['config']} | {r['pg']:.2f} | {r['pg1']:.2f} | {r['energy']:.3f} | "
+                f"{r['iou']:.3f} | {r['deletion']:.3f} | {r['insertion']:.3f} | "
+                f"{_f(r['randomisation'])} |"
+            )
+        lines.append("")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _nan(v):
+    return np.nan if v is None else v
+
+
+def summarise(models: list[dict]) -> dict:
+    def pick(m, prefix):
+        return next(r for r in m["rows"] if r["config"].startswith(prefix) or prefix in r["config"])
+
+    if not models:
+        return {}
+    d = [pick(m, "default**") for m in models]
+    b = [pick(m, "best single") for m in models]
+    o = [pick(m, "last layer") for m in models]
+    i = [pick(m, "baseline: input intensity") for m in models]
+    return {
+        "n": len(models),
+        "default": float(np.mean([r["pg"] for r in d])),
+        "best": float(np.mean([r["pg"] for r in b])),
+        "old": float(np.mean([r["pg"] for r in o])),
+        "intensity": float(np.mean([r["pg"] for r in i])),
+        "ok": int(
+            sum(
+                x["pg"] >= 0.9 * y["pg"] - 1e-9 and x["pg"] >= 0.8
+                for x, y in zip(d, b, strict=True)
+            )
+        ),
+        "energy_ok": int(sum(x["energy"] > y["energy"] for x, y in zip(d, i, strict=True))),
+        "del_default": float(np.mean([r["deletion"] for r in d])),
+        "del_old": float(np.mean([r["deletion"] for r in o])),
+        "del_ok": int(sum(x["deletion"] <= y["deletion"] for x, y in zip(d, o, strict=True))),
+        "ins_default": float(np.mean([r["insertion"] for r in d])),
+        "ins_old": float(np.mean([r["insertion"] for r in o])),
+        "ins_ok": int(sum(x["insertion"] >= y["insertion"] for x, y in zip(d, o, strict=True))),
+        "rand_default": _nanmean([_nan(r["randomisation"]) for r in d]),
+        "rand_old": _nanmean([_nan(r["randomisation"]) for r in o]),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500, help="training steps (if not cached)")
-    parser.add_argument("--n-test", type=int, default=48)
-    parser.add_argument("--n-curve", type=int, default=12, help="samples for deletion/insertion")
-    parser.add_argument("--curve-steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=300, help="training steps (when training)")
+    parser.add_argument("--retrain", action="store_true", help="retrain even if cached")
+    parser.add_argument("--n-test", type=int, default=16)
+    parser.add_argument("--n-curve", type=int, default=3, help="samples for deletion/insertion")
+    parser.add_argument("--curve-steps", type=int, default=10)
+    parser.add_argument("--n-rand", type=int, default=3, help="samples for randomisation")
+    parser.add_argument("--only", nargs="*", help="arch:task pairs (default: all)")
+    parser.add_argument("--quick", action="store_true", help="3 models, fewer samples")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: keep the other models' results from results/quality.json (same "
+        "settings) and rewrite the report over all of them",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite quality.md from quality.json"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((RESULTS / "quality.json").read_text()))
+        return
+    if args.quick:
+        args.only = args.only or ["cnn:shape", "unet:shape", "resnet2d:dark2d"]
+        args.n_test, args.n_curve, args.n_rand = 8, 2, 2
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model = train(RESULTS / "quality_model.pt", args.steps, print)
-    xt, yt, _ = make_volumes(200, seed=7)
-    with torch.no_grad():
-        acc = float(
-            (torch.cat([model(xt[i : i + 20]).argmax(1) for i in range(0, 200, 20)]) == yt)
-            .float()
-            .mean()
-        )
-    print(f"held-out accuracy {acc:.1%} ({time.perf_counter() - t0:.0f} s)")
-    x, y, masks = make_volumes(args.n_test * 2, seed=11)
-    x, masks = x[y == 1][: args.n_test], masks[y == 1][: args.n_test]
-
-    def score_fn(batch):
-        return model(batch).softmax(1)[:, 1]
-
-    configs = [(m, {"layers": "13", "method": m}) for m in
-               ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "cam")]  # fmt: skip
-    both = ["9", "13"]  # the 16^3 and the 8^3 layer
-    configs += [
-        ("gradcam 16^3 layer", {"layers": "9", "method": "gradcam"}),
-        ("layercam 16^3 layer", {"layers": "9", "method": "layercam"}),
-        ("gradcam fusion mean 16^3+8^3", {"layers": both, "method": "gradcam", "fusion": "mean"}),
-        ("gradcam fusion product 16^3+8^3",
-         {"layers": both, "method": "gradcam", "fusion": "product"}),
-        ("layercam fusion product 16^3+8^3",
-         {"layers": both, "method": "layercam", "fusion": "product"}),
-    ]  # fmt: skip
-    rows = []
-    for name, kw in configs:
-        heat = torch.cat(
-            [
-                medcam.explain(model, x[i : i + 8], 1, **kw).heatmap[:, 0]
-                for i in range(0, len(x), 8)
-            ]
-        )
-        rs = ev.randomization_spearman(model, x[:8], target=1, **kw)
-        rows.append(
-            evaluate_maps(
-                name, heat, x, masks, score_fn, args.n_curve, args.curve_steps, float(np.mean(rs))
-            )
-        )
-        print(f"{name}: {rows[-1]}", flush=True)
-    rng = torch.Generator().manual_seed(0)
-    rows.append(
-        evaluate_maps(
-            "baseline: random map",
-            torch.rand(x[:, 0].shape, generator=rng),
-            x,
-            masks,
-            score_fn,
-            args.n_curve,
-            args.curve_steps,
-        )
-    )
-    rows.append(
-        evaluate_maps(
-            "baseline: input intensity",
-            x[:, 0].clamp_min(0),
-            x,
-            masks,
-            score_fn,
-            args.n_curve,
-            args.curve_steps,
-        )
-    )
-    rand_del = [
-        ev.deletion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random")
-        for i in range(args.n_curve)
-    ]
-    rand_ins = [
-        ev.insertion_auc(score_fn, x[i], x[i, 0], steps=args.curve_steps, order="random")
-        for i in range(args.n_curve)
-    ]
+    pairs = zoo.TUNING + zoo.HELD_OUT
+    if args.only:
+        pairs = [tuple(p.split(":")) for p in args.only]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    models = [evaluate_model(a, t, args, print) for a, t in pairs]
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    if args.merge:
+        old = json.loads((RESULTS / "quality.json").read_text())
+        settings = ("n_test", "n_curve", "curve_steps", "n_rand")
+        if any(old[k] != getattr(args, k) for k in settings):
+            raise SystemExit("--merge: results/quality.json was written with other settings")
+        done = {(m["arch"], m["task"]) for m in models}
+        kept = [m for m in old["models"] if (m["arch"], m["task"]) not in done]
+        order = {p: i for i, p in enumerate(zoo.TUNING + zoo.HELD_OUT)}
+        models = sorted(kept + models, key=lambda m: order.get((m["arch"], m["task"]), 99))
+        seconds = sum(m["seconds"] for m in models)
+        cpu_seconds = sum(m["cpu_seconds"] for m in models)
+    tuning = [m for m in models if not m["held_out"]]
+    held = [m for m in models if m["held_out"]]
     report = {
-        "task": f"{SIZE}^3, cube vs spheres (r={RADIUS}), noise 0.25, 3 objects",
-        "model_parameters": int(sum(p.numel() for p in model.parameters())),
-        "accuracy": acc,
-        "n_test_class1": len(x),
+        "default_rule": "product fusion of the deepest layer of every resolution stage, from the "
+        "deepest feature layer back to the deepest layer whose grid is at least 1/4 of the input "
+        "per axis (the deepest layer alone when it is that fine); Grad-CAM for classifiers, "
+        "LayerCAM for segmentation outputs",
+        "n_test": args.n_test,
         "n_curve": args.n_curve,
         "curve_steps": args.curve_steps,
-        "random_order_deletion_auc": float(np.mean(rand_del)),
-        "random_order_insertion_auc": float(np.mean(rand_ins)),
-        "rows": rows,
-        "seconds": round(time.perf_counter() - t0),
+        "n_rand": args.n_rand,
+        "rule_selection": rule_table(tuning) if tuning else [],
+        "rule_check_held_out": rule_table(held) if held else [],
+        "tuning_summary": summarise(tuning),
+        "held_out_summary": summarise(held),
+        "models": models,
+        "seconds": round(seconds),
+        "cpu_seconds": round(cpu_seconds),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
-    (RESULTS / "quality.json").write_text(json.dumps(report, indent=2))
-    lines = [
-        "# Explanation quality (synthetic 3D cube-vs-spheres task)",
-        "",
-        f"{report['task']}; CNN with {report['model_parameters']} parameters, held-out accuracy "
-        f"{acc:.1%}; {len(x)} class-1 test volumes (pointing game, energy, IoU), {args.n_curve} "
-        f"for deletion/insertion ({args.curve_steps} steps), 8 for the randomisation check. "
-        "Random-order "
-        f"deletion AUC {report['random_order_deletion_auc']:.3f}, insertion "
-        f"{report['random_order_insertion_auc']:.3f}.",
-        "",
-        "| method | PG strict | PG ±1 | energy PG | top IoU | deletion AUC ↓ | insertion AUC ↑ "
-        "| randomisation Spearman ↓ |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        rs = "" if r["randomization_spearman"] is None else f"{r['randomization_spearman']:.2f}"
-        lines.append(
-            f"| {r['method']} | {r['pointing_game']:.2f} | {r['pointing_game_pm1']:.2f} | "
-            f"{r['energy_pointing_game']:.3f} | {r['top_iou']:.3f} | {r['deletion_auc']:.3f} | "
-            f"{r['insertion_auc']:.3f} | {rs} |"
-        )
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(report)
+    print((RESULTS / "quality.md").read_text().split("## Choosing")[0])
 
 
 if __name__ == "__main__":

@@ -480,7 +480,7 @@ class CAMHandler:
         output_dir: str | Path | None = None,
         preprocessing: Any = None,
         layers: Any = "auto",
-        method: str = "gradcam",
+        method: str = "auto",
         target: Any = "pred",
         formats: Sequence[str] = ("nifti", "json"),
         image_key: str = "image",

@@ -179,9 +179,11 @@ def _pacs_options(f):
               help="Output folder (optional for a server input with --store).")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True,
-              help="Target layer name (repeat for several) or auto.")  # fmt: skip
-@click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
+              help="Target layer name (repeat for several), auto (the default rule: see "
+              "`medcam layers`) or last (the deepest feature layer alone).")  # fmt: skip
+@click.option("--method", default="auto", show_default=True,
+              help="auto (Grad-CAM for classifiers, LayerCAM for segmenters), gradcam, "
+              "gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
 @click.option("--target", default="pred", show_default=True,
               help="pred, all, a class index, 1,2 or seg:1 (segmentation class).")  # fmt: skip
 @click.option("--format", "formats", default=None, help=FORMATS_HELP + " Default: nifti,png,json; "
@@ -330,7 +332,7 @@ def _explain_remote(inputs, out, model_args, layers, method, target, formats, no
               help="Print the journal's job counts and failures, then exit.")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default="auto", show_default=True)
 @click.option("--target", default="pred", show_default=True)
 @click.option("--format", "formats", default="dicom-pm,dicom-seg,dicom-sc", show_default=True,
               help=FORMATS_HELP)  # fmt: skip
@@ -387,10 +389,13 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
 @click.option("--in-channels", type=int, default=None, help="Input channels (default 1).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without spatial output.")
 def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all):
-    """List candidate target layers with their feature-grid shapes."""
+    """List candidate target layers with their feature-grid shapes, and say which layers the
+    default (--layer auto) explains and why."""
     import torch
 
-    from medcam.engine.layers import list_layers
+    from medcam.engine.auto import auto_choice, auto_method
+    from medcam.engine.layers import check_hookable, model_device, trace_layers
+    from medcam.errors import LayerError
     from medcam.runner import load_model, parse_size
 
     def work():
@@ -403,7 +408,14 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         else:
             raise MedcamError("Give --input-size (e.g. 96,96,96); the model does not say it.")
         x = torch.zeros(1, *shape, device=device)
-        infos = list_layers(spec.network, x)
+        check_hookable(spec.network)
+        infos, out = trace_layers(spec.network, x.to(model_device(spec.network, x)))
+        out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        try:
+            choice = auto_choice(infos, shape[1:], out_shape)
+        except LayerError as err:
+            choice, why = None, str(err)
+        chosen = choice.layers if choice else []
         click.echo(f"{'layer':60s} {'type':24s} output shape")
         for info in infos:
             target = info.is_candidate or info.is_token_layer
@@ -411,7 +423,18 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
                 mark = "" if target else "  (not a target)"
                 if info.layout in ("tokens", "channels_last") and target:
                     mark = f"  ({info.layout}, grid {info.grid})"
+                mark += "  <- default" if info.name in chosen else ""
                 click.echo(f"{info.name:60s} {info.type:24s} {info.output_shape}{mark}")
+        if choice is None:
+            click.echo(f"\ndefault (--layer auto): none. {why}")
+            return
+        fused = f", {choice.fusion} fusion" if choice.fusion else ""
+        click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
+        click.echo(f"  why: {choice.rule}")
+        if out_shape is not None:
+            why_method = auto_method(out_shape)[1].removeprefix("auto: ")
+            click.echo(f"  method (--method auto): {why_method}")
+        click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 
     _run(work)
 
@@ -428,7 +451,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
               "(default: DICOM StudyDate).")  # fmt: skip
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default="auto", show_default=True)
 @click.option("--target", default="pred", show_default=True)
 @click.option(
     "--registration",
@@ -517,7 +540,7 @@ def cohort() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @_model_options
 @click.option("--layer", "layers", multiple=True, default=["auto"], show_default=True)
-@click.option("--method", default="gradcam", show_default=True)
+@click.option("--method", default="auto", show_default=True)
 @click.option("--target", default="pred", show_default=True, help="Default target per case.")
 @click.option("--format", "formats", default="nifti,png,json", show_default=True,
               help=FORMATS_HELP)  # fmt: skip

@@ -107,8 +107,11 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
         "out": str(out.resolve()),
         "predicted_class": int(cls_ex.cam.classes[0, 0]),
         "probability": round(float(probs[0]), 4),
-        "layer": cls_ex.cam.layers[0],
-        "feature_grid": list(cls_ex.cam.feature_shapes[cls_ex.cam.layers[0]]),
+        "layer": " + ".join(cls_ex.cam.layers),
+        "feature_grid": " + ".join(
+            "x".join(map(str, cls_ex.cam.feature_shapes[n])) for n in cls_ex.cam.layers
+        ),
+        "fusion": cls_ex.cam.fusion,
         "classifier_peak_to_lesion_mm": round(cls_dist, 1),
         "segmenter_layer": seg_ex.cam.layers[0],
         "segmenter_peak_to_lesion_mm": round(seg_dist, 1),
@@ -117,7 +120,8 @@ def run_demo(out: str | Path, *, device: str = "cpu", log: Callable[[str], None]
     log("[4/4] done")
     log(
         f"  classifier: class {summary['predicted_class']} (p = {summary['probability']:.3f}), "
-        f"layer {summary['layer']} (grid {summary['feature_grid']}); heatmap peak "
+        f"layer {summary['layer']} (grid {summary['feature_grid']}"
+        f"{', ' + summary['fusion'] + ' fusion' if summary['fusion'] else ''}); heatmap peak "
         f"{summary['classifier_peak_to_lesion_mm']} mm from the lesion centre"
     )
     log(

@@ -124,14 +124,13 @@ def _curve(score_fn, x, heat, steps, order, baseline, insert, seed, batch_size):
             f"on its grid), or steps={steps} < 1."
         )
     counts = [round(i * n / steps) for i in range(steps + 1)]
-    start = torch.full_like(x, float(baseline)) if insert else x.clone()
+    start = torch.full_like(x, float(baseline)) if insert else x
     source = x if insert else torch.full_like(x, float(baseline))
-    channels = x.shape[0]
-    inputs = []
-    for c in counts:
-        v = start.clone().reshape(channels, -1)
-        v[:, ranking[:c].to(x.device)] = source.reshape(channels, -1)[:, ranking[:c].to(x.device)]
-        inputs.append(v.reshape(x.shape))
+    # position of each voxel in the ranking: the first c voxels are those with position < c
+    position = torch.empty(n, dtype=torch.long)
+    position[ranking] = torch.arange(n)
+    position = position.reshape(x.shape[1:]).to(x.device)
+    inputs = [torch.where(position < c, source, start) for c in counts]
     scores = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):

@@ -31,7 +31,7 @@ class ExplainSettings:
     """What to explain and write; everything here enters the result UIDs' seed."""
 
     layers: Any = "auto"
-    method: str = "gradcam"
+    method: str = "auto"
     target: Any = "pred"
     formats: Sequence[str] = PACS_FORMATS
     normalize: str = "none"

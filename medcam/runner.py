@@ -319,7 +319,7 @@ def explain_inputs(
     out: str | Path,
     *,
     layers: Any = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     target: Any = "pred",
     formats: Sequence[str] = ("nifti", "png", "json"),
     normalize: str = "none",
@@ -467,7 +467,7 @@ def load_timepoints(
     spec: ModelSpec | None = None,
     *,
     layers: Any = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     target: Any = "pred",
 ) -> list:
     """Visits from ``{"scan", "heatmap"?, "date"?, "label"?}`` entries; heatmaps missing from an
@@ -520,7 +520,7 @@ def cohort_processor(
     spec: ModelSpec,
     *,
     layers: Any = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     target: str = "pred",
     formats: Sequence[str] = ("nifti", "png", "json"),
     normalize: str = "none",

@@ -344,7 +344,7 @@ def explain_scan(
     preprocess: Any = None,
     target: Any = "pred",
     layers: Any = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     normalize: Normalization = "none",
     explainer: Explainer | None = None,
     inferer: Any = None,

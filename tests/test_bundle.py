@@ -49,14 +49,14 @@ def _peak_lps(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("bundle", "overrides", "tolerance_mm"),
+    ("bundle", "overrides", "tolerance_mm", "method"),
     [
-        ("classify3d", ["--medcam#target", "1"], 20.0),
-        ("segment3d", ["--medcam#target", "1", "--medcam#method", "layercam"], 12.0),
+        ("classify3d", ["--medcam#target", "1"], 12.0, "gradcam"),
+        ("segment3d", ["--medcam#target", "1"], 12.0, "layercam"),
     ],
 )
 def test_bundle_run_writes_aligned_heatmaps(
-    tmp_path, phantom_cases, bundle, overrides, tolerance_mm
+    tmp_path, phantom_cases, bundle, overrides, tolerance_mm, method
 ):
     folder, lesion, _ = phantom_cases
     out = tmp_path / "out"
@@ -69,6 +69,14 @@ def test_bundle_run_writes_aligned_heatmaps(
         assert img.shape == src.shape
         np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)
     assert np.linalg.norm(_peak_lps(maps[_sha(folder / "a_lesion.nii.gz")]) - lesion) < tolerance_mm
+    # configs/medcam.json's defaults: layers and method chosen by the auto rules, recorded
+    import json
+
+    for sidecar in (out / "medcam").glob("*/*.json"):
+        explanation = json.loads(sidecar.read_text())["explanation"]
+        assert explanation["layers_chosen_by"].startswith("auto: ")
+        assert explanation["method"] == method
+        assert explanation["method_chosen_by"].startswith("auto: ")
 
 
 # --- trust: bundles outside MEDCAM_TRUSTED_BUNDLES are refused before anything of them runs ---

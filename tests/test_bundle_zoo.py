@@ -147,7 +147,9 @@ def test_swin_unetr_bundle_both_paths(tmp_path):
     assert window["windows"] == 1 and window["roi_size"] == [64, 64, 64]
     assert window["overlap"] == 0.5  # the rest of the bundle's inferer is kept
     assert record["explanation"]["model_input_shape"] == [1, 1, 64, 58, 44]
-    assert record["explanation"]["method"] == "gradcam"  # medcam.json's default
+    # medcam.json's default method="auto": LayerCAM for a segmentation network
+    assert record["explanation"]["method"] == "layercam"
+    assert record["explanation"]["method_chosen_by"].startswith("auto: segmentation output")
     _same_map(heat, _one_map(tmp_path / "cli"))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcam.engine.auto import AutoChoice, auto_choice, auto_method
 from medcam.engine.inputs import ModelInputs, model_dtype
 from medcam.engine.layers import (
     ActivationCapture,
@@ -217,10 +218,16 @@ class Explainer:
         ``(B, C, D, H, W)`` (plus other inputs or keyword arguments: see ``__call__``). It is
         never modified.
     layers:
-        ``"auto"`` (the last layer whose output is still a feature map with extent > 1, found
-        with one shape-only forward pass), a module name such as ``"features.denseblock4"``, a
-        module object, or a list of these (several layers at once).
+        ``"auto"`` (default: chosen from one shape-only forward pass by
+        :func:`medcam.engine.auto.auto_choice`: the deepest feature layer, fused with the
+        deepest layer of every finer grid back to the deepest layer whose grid is at least 1/4
+        of the input per axis; recorded in ``metadata()["layers_chosen_by"]``),
+        ``"last"`` (the last layer whose output is still a feature map with extent > 1, the
+        earlier default), a module name such as ``"features.denseblock4"``, a module object,
+        or a list of these.
     method:
+        ``"auto"`` (default: Grad-CAM for classifiers, LayerCAM for segmentation outputs, see
+        :func:`medcam.engine.auto.auto_method`; recorded in ``metadata()["method_chosen_by"]``),
         ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"layercam"``,
         ``"cam"``, or the gradient-free ``"scorecam"`` and ``"ablationcam"`` (see
         :data:`medcam.METHODS`).
@@ -229,7 +236,8 @@ class Explainer:
         tuple, a key for a dict, or a callable.
     fusion:
         With several layers: ``None`` (separate maps), ``"mean"`` or ``"product"`` of the
-        per-layer maps, each scaled by its peak (see :func:`medcam.engine.fuse_maps`).
+        per-layer maps, each scaled by its peak (see :func:`medcam.engine.fuse_maps`). With
+        ``layers="auto"``, ``None`` means the fusion the rule chose.
     fc_layer:
         For ``method="cam"``: the final ``nn.Linear`` (default: the model's last one).
     batched:
@@ -262,7 +270,7 @@ class Explainer:
         self,
         model: nn.Module,
         layers: LayerSpec = "auto",
-        method: str = "gradcam",
+        method: str = "auto",
         *,
         output: OutputSelector = None,
         fusion: Fusion | None = None,
@@ -278,7 +286,7 @@ class Explainer:
             raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
         check_hookable(model)
         self.model = model
-        self.method = get_method(method)
+        self.method = None if method == "auto" else get_method(method)
         self.output = output
         if fusion not in (None, "mean", "product"):
             raise MedcamError(f"Unknown fusion {fusion!r}; use None, 'mean' or 'product'.")
@@ -289,11 +297,14 @@ class Explainer:
         self.device = torch.device(device) if device is not None else None
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
-        self._auto = list(layers) == ["auto"]
-        if not self._auto and "auto" in list(layers):
-            raise LayerError("'auto' cannot be combined with named layers.")
+        submodules = dict(model.named_modules())
+        modes = [v for v in layers if isinstance(v, str) and v in ("auto", "last")
+                 and v not in submodules]  # fmt: skip
+        if modes and len(layers) > 1:
+            raise LayerError(f"'{modes[0]}' cannot be combined with named layers.")
+        self._auto = modes[0] if modes else None
         self._layers = [] if self._auto else resolve_layers(model, list(layers))
-        self._auto_cache: dict[tuple[int, ...], str] = {}
+        self._auto_cache: dict[tuple[int, ...], AutoChoice] = {}
         self._at = self._per_layer("at", at, ("output", "input"))
         self._reshape = self._per_layer("reshape", reshape, None)
         if isinstance(perturbations_per_eval, bool) or not (
@@ -345,16 +356,34 @@ class Explainer:
         return x.to(model_dev)
 
     def layer_names(self, x: torch.Tensor, inputs: ModelInputs | None = None) -> list[str]:
-        """The target layer names for input ``x`` (resolving ``"auto"``); ``inputs``: the full
-        model call for models that take more than ``x``."""
+        """The target layer names for input ``x`` (resolving ``"auto"`` / ``"last"``);
+        ``inputs``: the full model call for models that take more than ``x``."""
+        return self.layer_plan(x, inputs)[0]
+
+    def layer_plan(
+        self, x: torch.Tensor, inputs: ModelInputs | None = None
+    ) -> tuple[list[str], Fusion | None, str]:
+        """``(layer names, fusion, layers_chosen_by)`` for input ``x``.
+
+        ``layers_chosen_by`` is ``"auto: <rule>"``, ``"last: <layer>"`` or ``"user"``.
+        """
         if not self._auto:
-            return list(self._layers)
+            return list(self._layers), self.fusion, "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
             infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
-            logits = select_output(out, self.output)
-            self._auto_cache[key] = auto_layer(infos, tuple(logits.shape))
-        return [self._auto_cache[key]]
+            logits_shape = tuple(select_output(out, self.output).shape)
+            if self._auto == "auto":
+                self._auto_cache[key] = auto_choice(infos, tuple(x.shape[2:]), logits_shape)
+            else:
+                name = auto_layer(infos, logits_shape)
+                grid = next(i.feature_shape for i in infos if i.name == name)
+                rule = f"the deepest feature layer {name} ({'x'.join(map(str, grid))})"
+                self._auto_cache[key] = AutoChoice([name], None, rule, {name: grid})
+        plan = self._auto_cache[key]
+        if self._auto == "last":
+            return list(plan.layers), self.fusion, f"last: {plan.rule}"
+        return list(plan.layers), self.fusion or plan.fusion, plan.chosen_by
 
     def __call__(
         self,
@@ -401,7 +430,7 @@ class Explainer:
         """
         inputs = ModelInputs.build(x, forward_kwargs, input_index)
         device = self._to_device(check_input(inputs.x)).device
-        method = self.method
+        method = self.method  # None: "auto", chosen from the model output below
         extra: dict[str, Any] = inputs.describe()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
@@ -412,18 +441,27 @@ class Explainer:
             inputs = inputs.to(device, dtype)  # inference tensors are cloned here
             x = inputs.x
             spatial = tuple(x.shape[2:])
-            names = self.layer_names(x, inputs)
+            names, fusion, chosen_by = self.layer_plan(x, inputs)
             at = {n: self._option(self._at, n) for n in names}
             # No graph before the first target layer; its hook turns gradients on (see
             # ActivationCapture); no_grad's exit restores the caller's mode.
             stack.enter_context(torch.no_grad())
             stack.enter_context(eval_mode(self.model, self.eval))
             capture = stack.enter_context(
-                ActivationCapture(self.model, names, grad_from_layer=method.needs_gradients, at=at)
+                ActivationCapture(
+                    self.model,
+                    names,
+                    grad_from_layer=method is None or method.needs_gradients,
+                    at=at,
+                )
             )
             logits = select_output(inputs(self.model), self.output)
             scores, classes = target_fn(logits)
             _check_scores(scores)
+            method_chosen_by = "user"
+            if method is None:
+                auto_name, method_chosen_by = auto_method(tuple(logits.shape))
+                method = get_method(auto_name)
             kept = capture.activations()
             modules = dict(self.model.named_modules())
             hints = model_grids(self.model, spatial)
@@ -482,8 +520,8 @@ class Explainer:
         with torch.no_grad():
             resized = {n: upsample(m, spatial) if upsample_to_input else m for n, m in raw.items()}
             fused = None
-            if self.fusion is not None and len(names) > 1:
-                fused = fuse_maps(list(resized.values()), self.fusion)
+            if fusion is not None and len(names) > 1:
+                fused = fuse_maps(list(resized.values()), fusion)
             norm_record: dict[str, Any] = {"method": "none"}
             heatmaps = {}
             for n, m in resized.items():
@@ -503,8 +541,10 @@ class Explainer:
             input_shape=tuple(x.shape),
             target=target_fn.describe(logits.ndim),
             normalization=norm_record,
-            fusion=self.fusion if fused is not None else None,
+            fusion=fusion if fused is not None else None,
             batched_backward=batched,
+            layers_chosen_by=chosen_by,
+            method_chosen_by=method_chosen_by,
             extra=extra,
         )
 
@@ -515,7 +555,7 @@ def explain(
     target: Any = "pred",
     *,
     layers: LayerSpec = "auto",
-    method: str = "gradcam",
+    method: str = "auto",
     output: OutputSelector = None,
     fusion: Fusion | None = None,
     normalize: Normalization = "none",

@@ -52,14 +52,23 @@ def fuse_maps(maps: Sequence[torch.Tensor], how: Fusion) -> torch.Tensor:
     Each map is first divided by its own peak (per sample and target), since raw maps of
     different layers have unrelated scales; then ``"mean"`` averages them (result in [0, 1] for
     non-negative methods) and ``"product"`` takes their geometric mean, which keeps only what
-    all layers agree on (coarse deep layers localise, fine shallow layers sharpen).
+    all layers agree on (coarse deep layers localise, fine shallow layers sharpen). A map that is
+    zero everywhere (no positive evidence at that layer for that sample and target) is left out
+    of the product instead of zeroing it.
     """
     scaled = [_scale_to_max(m) for m in maps]
     if how == "mean":
         return torch.stack(scaled).mean(dim=0)
     if how == "product":
-        prod = torch.stack([s.clamp_min(0) for s in scaled]).prod(dim=0)
-        return prod.pow(1.0 / len(scaled))
+        # A layer whose map has no positive value for a sample and target carries no evidence
+        # there; it is left out of that map's product (else it would zero every other layer).
+        pos = torch.stack([s.clamp_min(0) for s in scaled])  # (L, B, K, *S)
+        spatial = [1] * (pos.ndim - 3)
+        has = (pos.flatten(3).amax(dim=3) > 0).reshape(*pos.shape[:3], *spatial)
+        n = has.sum(dim=0)  # (B, K, 1, ...)
+        prod = torch.where(has, pos, torch.ones_like(pos)).prod(dim=0)
+        fused = prod.pow(1.0 / n.clamp_min(1).to(pos.dtype))
+        return torch.where(n > 0, fused, torch.zeros_like(fused))
     raise MedcamError(f"Unknown fusion {how!r}; use 'mean' or 'product'.")
 
 

@@ -41,6 +41,11 @@ class CAMResult:
     batched_backward:
         True when all K targets went through one batched backward pass, False when they were
         looped (an op without a batching rule) or no backward was needed.
+    layers_chosen_by:
+        How the layers were chosen: ``"auto: <rule>"`` (``layers="auto"``, the rule in words),
+        ``"last: ..."`` or ``"user"`` (named layers).
+    method_chosen_by:
+        ``"auto: <why>"`` with ``method="auto"``, else ``"user"``.
     """
 
     raw: dict[str, torch.Tensor]
@@ -58,6 +63,8 @@ class CAMResult:
     fusion: str | None = None
     batched_backward: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    layers_chosen_by: str | None = None
+    method_chosen_by: str | None = None
 
     @property
     def heatmap(self) -> torch.Tensor:
@@ -85,6 +92,8 @@ class CAMResult:
             "fusion": self.fusion,
             "upsampling": "linear/bilinear/trilinear, align_corners=False",
             "batched_backward": self.batched_backward,
+            **({"layers_chosen_by": self.layers_chosen_by} if self.layers_chosen_by else {}),
+            **({"method_chosen_by": self.method_chosen_by} if self.method_chosen_by else {}),
             **self.extra,
         }
 

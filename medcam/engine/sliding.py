@@ -34,15 +34,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from medcam.engine.auto import auto_method
 from medcam.engine.core import Explainer
 from medcam.engine.layers import eval_mode, model_device
-from medcam.engine.methods import GRADCAM_PP_EPS, XGRADCAM_EPS, CAMMethod
+from medcam.engine.methods import GRADCAM_PP_EPS, XGRADCAM_EPS, CAMMethod, get_method
 from medcam.engine.postprocess import fuse_maps
 from medcam.engine.result import CAMResult
 from medcam.engine.targets import select_output
@@ -466,20 +467,24 @@ def explain_sliding_window(
     if x.ndim < 3:
         raise MedcamError(f"The input has shape {tuple(x.shape)}; expected (B, C, *spatial).")
     target_fn = resolve_target(target)
+    method_chosen_by = "user"
+    if explainer.method is None:  # method="auto": windows give a dense output (see auto_method)
+        name, method_chosen_by = auto_method((1, 1, *x.shape[2:]))
+        explainer = copy.copy(explainer)
+        explainer.method = get_method(name)
     results = []
     for b in range(x.shape[0]):
         pred_b = None
         if prediction is not None:
             pred_b = torch.as_tensor(prediction)[b : b + 1]
-        results.append(_explain_one(explainer, x[b : b + 1], window, target_fn, pred_b))
+        one = _explain_one(explainer, x[b : b + 1], window, target_fn, pred_b)
+        results.append(replace(one, method_chosen_by=method_chosen_by))
     if len(results) == 1:
         return results[0]
     return _concat(results)
 
 
 def _concat(results: list[CAMResult]) -> CAMResult:
-    from dataclasses import replace
-
     first = results[0]
     return replace(
         first,
@@ -553,7 +558,9 @@ def _explain_one(
     del prediction
     k = scores.shape[1]
     xp = _pad(x, layout, window)
-    names = explainer.layer_names(xp[(slice(None), slice(None), *layout.slices[0])])
+    names, fusion, layers_chosen_by = explainer.layer_plan(
+        xp[(slice(None), slice(None), *layout.slices[0])]
+    )
     if method in ELEMENTWISE:
         maps, shapes, batched = _elementwise(explainer, xp, layout, parts, classes, description,
                                              names, k)  # fmt: skip
@@ -564,8 +571,8 @@ def _explain_one(
         maps, shapes, batched = _blended(explainer, xp, layout, window, classes, names), {}, False
     heatmaps = {n: m[(slice(None), slice(None), *layout.crop)] for n, m in maps.items()}
     fused = None
-    if explainer.fusion is not None and len(names) > 1:
-        fused = fuse_maps([heatmaps[n] for n in names], explainer.fusion)
+    if fusion is not None and len(names) > 1:
+        fused = fuse_maps([heatmaps[n] for n in names], fusion)
     return CAMResult(
         raw=dict(heatmaps),
         heatmaps=heatmaps,
@@ -579,8 +586,9 @@ def _explain_one(
         input_shape=tuple(x.shape),
         target=description,
         normalization={"method": "none"},
-        fusion=explainer.fusion if fused is not None else None,
+        fusion=fusion if fused is not None else None,
         batched_backward=batched,
+        layers_chosen_by=layers_chosen_by,
         extra=extra,
     )
 
@@ -592,8 +600,6 @@ def _single_window(explainer, x, layout, window, target_fn, extra) -> CAMResult:
     over the padded grid is divided by the input's own voxel count (as with several windows),
     so the map is the one of the input, not diluted by the padding.
     """
-    from dataclasses import replace
-
     if not any(layout.pad):
         result = explainer(x, target_fn)
         return replace(result, extra={**result.extra, **extra})

@@ -38,7 +38,7 @@ def test_auto_on_monai_resnet_skips_reused_relu():
     net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
     infos = medcam.list_layers(net, torch.randn(1, 1, 64, 64))
     assert any(i.calls == 2 and not i.is_candidate for i in infos)  # BasicBlock's shared ReLU
-    assert medcam.Explainer(net).layer_names(torch.randn(1, 1, 64, 64)) == ["layer4"]
+    assert medcam.Explainer(net, "last").layer_names(torch.randn(1, 1, 64, 64)) == ["layer4"]
 
 
 def test_auto_on_segmentation_net_skips_the_head():

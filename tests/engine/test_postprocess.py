@@ -59,6 +59,12 @@ def test_fusion_known_answer():
     )
     zero = torch.zeros(1, 1, 3)
     torch.testing.assert_close(fuse_maps([a, zero], "mean"), torch.tensor([[[0.0, 0.25, 0.5]]]))
+    # a layer without positive evidence for a sample is left out of that sample's product:
+    # sample 0 fuses a and b, sample 1 has only b (its a-map is zero), nothing is zeroed
+    a2, b2 = torch.cat([a, zero]), torch.cat([b, b])
+    expected = torch.tensor([[[0.0, 0.5**0.5, 0.5**0.5]], [[1.0, 1.0, 0.5]]])
+    torch.testing.assert_close(fuse_maps([a2, b2], "product"), expected)
+    torch.testing.assert_close(fuse_maps([zero, -b], "product"), zero)
 
 
 def test_trilinear_upsampling_of_a_linear_ramp():

@@ -134,7 +134,8 @@ def test_unetr_tokens_match_pytorch_grad_cam():
     mask = torch.zeros(32, 32, 32)
     mask[8:24, 4:20, 10:30] = 1
     layer = "vit.blocks.9"
-    result = medcam.explain(net, x, medcam.SegmentationTarget(1, mask=mask), layers=layer)
+    target = medcam.SegmentationTarget(1, mask=mask)
+    result = medcam.explain(net, x, target, layers=layer, method="gradcam")
     record = result.metadata()["layouts"][layer]
     assert record["grid"] == [2, 2, 2] and record["prefix_tokens"] == 0
 
@@ -169,7 +170,7 @@ def test_swin_unetr_channel_last_blocks_match_pytorch_grad_cam():
     mask[20:50, 8:28, 10:22] = 1
     target = medcam.SegmentationTarget(1, mask=mask)
     layer = "swinViT.layers2.0.blocks.0"
-    result = medcam.explain(net, x, target, layers=layer)
+    result = medcam.explain(net, x, target, layers=layer, method="gradcam")
     assert result.feature_shapes[layer] == (16, 8, 8)
     theirs = _pgc_gradcam_raw(
         net, layer, x, [SemanticSegmentationTarget(1, mask.numpy())], lambda t: t.movedim(-1, 1)

@@ -1,0 +1,279 @@
+"""The default target layer(s): what ``layers="auto"`` explains, and why.
+
+The rule works on the output shapes of one cheap, no-grad shape pass (:func:`trace_layers`):
+
+1. **Candidates** are the modules whose output is a feature map ``(B, C, *spatial)`` with more
+   than one voxel, that run once per forward pass, and whose output is not shaped like the
+   model output (a segmentation head and what follows it are skipped).
+2. **Deep layer**: the last candidate in execution order (what ``layers="last"`` explains).
+   Its feature grid is often tiny: 3x3x3 for a 3D DenseNet121 at 96^3, 1/32 of the input.
+3. **Fine layer**: the last candidate whose grid is at least 1/4 of the input along every
+   spatial axis (a 24^3 grid or finer for a 96^3 input).
+4. If the deep layer is already that fine (segmentation decoders, shallow networks), it is
+   explained alone. Otherwise the deepest layer of **every resolution stage** from the fine
+   layer down to the deep layer is explained and the maps are **fused** by their product
+   (geometric mean of the peak-scaled maps): the deep layers know *what* the class is, the
+   fine ones *where*; the product keeps what all of them agree on, a compact spot.
+
+:func:`auto_method` picks the method for ``method="auto"``: Grad-CAM for classifiers, LayerCAM
+for segmentation outputs. Both choices come from ``benchmarks/bench_quality.py`` (several
+architectures and tasks, with a held-out set); see ``docs/engine.md``, "Choosing a layer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from medcam.engine.layers import LayerInfo
+from medcam.engine.postprocess import Fusion
+from medcam.errors import LayerError
+
+__all__ = [
+    "DEFAULT_FUSION",
+    "DEFAULT_MIN_FRACTION",
+    "AutoChoice",
+    "auto_choice",
+    "auto_method",
+    "candidates",
+]
+
+DEFAULT_MIN_FRACTION = Fraction(1, 4)
+DEFAULT_FUSION: Fusion = "product"
+DEFAULT_CHAIN = True
+
+_NO_CANDIDATE = (
+    "layers='auto' found no layer with a spatial feature-map output (B, C, *spatial) with "
+    "extent > 1 that runs once per forward pass. medcam explains convolutional networks; check "
+    "that the model has conv layers and that the input has the spatial size it expects, or name "
+    "a layer explicitly."
+)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``layers="auto"`` chose for one input shape.
+
+    Attributes
+    ----------
+    layers:
+        Layer names, in execution order (one or two).
+    fusion:
+        ``"mean"`` / ``"product"`` when several layers are fused, else ``None``.
+    rule:
+        Why, in words (recorded as ``layers_chosen_by = "auto: <rule>"``).
+    grids:
+        Feature-grid shape of each chosen layer.
+    """
+
+    layers: list[str]
+    fusion: Fusion | None
+    rule: str
+    grids: dict[str, tuple[int, ...]]
+
+    @property
+    def chosen_by(self) -> str:
+        return f"auto: {self.rule}"
+
+
+def _grid(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def candidates(
+    infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None
+) -> list[LayerInfo]:
+    """Possible target layers in execution order: feature maps with extent > 1, run once, not
+    shaped like the model output (``model_output_shape``, from the same pass)."""
+    return [i for i in infos if i.is_candidate and i.output_shape != model_output_shape]
+
+
+def _finer(a: Sequence[int], b: Sequence[int]) -> bool:
+    """True when grid ``a`` is finer than ``b``: at least as large on every axis, larger on one."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
+        x > y for x, y in zip(a, b, strict=True)
+    )
+
+
+def _stage_layer(cands: Sequence[LayerInfo], k: int) -> LayerInfo | None:
+    """The deepest candidate ``k`` resolution stages finer than the deepest candidate."""
+    grid, stage = tuple(cands[-1].feature_shape), 0
+    for info in reversed(cands):
+        if _finer(info.feature_shape, grid):
+            grid, stage = tuple(info.feature_shape), stage + 1
+            if stage == k:
+                return info
+    return None
+
+
+def auto_choice(
+    infos: Sequence[LayerInfo],
+    input_shape: Sequence[int],
+    model_output_shape: tuple[int, ...] | None,
+    *,
+    min_fraction: float | Fraction = DEFAULT_MIN_FRACTION,
+    stages_back: int | None = None,
+    chain: bool = DEFAULT_CHAIN,
+    fusion: Fusion | None = DEFAULT_FUSION,
+    block_outputs: bool = False,
+) -> AutoChoice:
+    """Choose the default target layer(s) from one shape pass.
+
+    Parameters
+    ----------
+    infos:
+        The pass's :class:`LayerInfo` list (execution order), from :func:`trace_layers` /
+        :func:`medcam.list_layers`.
+    input_shape:
+        The model input's spatial shape ``(*S)`` (or the full ``(B, C, *S)``).
+    model_output_shape:
+        Shape of the model output (logits) in the same pass.
+    min_fraction:
+        The fine layer is the deepest whose grid is at least this fraction of the input along
+        every axis.
+    stages_back:
+        Instead of ``min_fraction``: the fine layer is the deepest one this many resolution
+        stages finer than the deepest layer (1: the last layer before the final downsampling).
+    chain:
+        Also fuse the deepest layer of every resolution stage between the fine and the deep
+        layer (``False``: the fine and the deep layer only).
+    fusion:
+        How to combine the layers; ``None`` explains the fine layer alone.
+    block_outputs:
+        Represent each resolution stage by the outermost module ending it (a block's output,
+        see :func:`_outermost`) instead of its deepest layer (the default: on DenseNets the
+        deepest layer is the transition's 1x1 conv, which localised better than the dense
+        block's concatenated output in ``benchmarks/bench_quality.py`` and the demo).
+
+    Returns
+    -------
+    AutoChoice
+
+    Raises
+    ------
+    LayerError
+        If the model has no candidate layer.
+
+    Notes
+    -----
+    The defaults are what ``layers="auto"`` uses; the other settings exist so that
+    ``benchmarks/bench_quality.py`` can compare the alternatives with the same code.
+    """
+    cands = candidates(infos, model_output_shape)
+    if not cands:
+        raise LayerError(_NO_CANDIDATE)
+    rank = cands[-1].spatial_rank
+    spatial = tuple(int(s) for s in input_shape)[-rank:]
+    deep = cands[-1]
+
+    def pick(info: LayerInfo) -> LayerInfo:
+        return _outermost(cands, info) if block_outputs else info
+
+    inp, deep_grid = _grid(spatial), _grid(deep.feature_shape)
+    if stages_back is not None:
+        fine = _stage_layer(cands, stages_back)
+        fine = fine and pick(fine)
+        what = f"{stages_back} resolution stage{'s' if stages_back > 1 else ''} finer"
+        if fine is None:
+            rule = (
+                f"no layer is {what} than the deepest feature layer {deep.name} "
+                f"({deep_grid}); explaining it alone"
+            )
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+    else:
+        frac = Fraction(min_fraction).limit_denominator(1000)
+        fine = next(
+            (
+                i
+                for i in reversed(cands)
+                if all(
+                    g * frac.denominator >= s * frac.numerator
+                    for g, s in zip(i.feature_shape, spatial, strict=True)
+                )
+            ),
+            None,
+        )
+        what = f"whose grid is at least {frac} of the input {inp} per axis"
+        if fine is not None and fine is not deep:
+            fine = pick(fine)
+        if fine is None:
+            rule = (
+                f"every feature grid is coarser than {frac} of the input {inp} on some axis; "
+                f"explaining the deepest feature layer {deep.name} ({deep_grid})"
+            )
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+        if fine is deep:
+            rule = (
+                f"the deepest feature layer {deep.name} ({deep_grid}) is already at least "
+                f"{frac} of the input {inp} per axis; explaining it alone"
+            )
+            return AutoChoice([deep.name], None, rule, _grids([deep]))
+    fine_text = f"{fine.name} ({_grid(fine.feature_shape)})"
+    if fusion is None:
+        rule = (
+            f"the deepest layer {what}: {fine_text}; the deepest feature layer {deep.name} "
+            f"({deep_grid}) is coarser"
+        )
+        return AutoChoice([fine.name], None, rule, _grids([fine]))
+    if not chain:
+        rule = (
+            f"{fusion} fusion of the deepest feature layer {deep.name} ({deep_grid}) and the "
+            f"deepest layer {what}, {fine_text}"
+        )
+        return AutoChoice([fine.name, deep.name], fusion, rule, _grids([fine, deep]))
+    layers = _chain(cands, fine, pick)
+    listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in layers)
+    rule = (
+        f"{fusion} fusion of the deepest layer of each resolution stage, from the deepest "
+        f"feature layer back to the deepest layer {what}: {listed}"
+    )
+    return AutoChoice([i.name for i in layers], fusion, rule, _grids(layers))
+
+
+def _chain(cands: Sequence[LayerInfo], fine: LayerInfo, pick) -> list[LayerInfo]:
+    """One layer per resolution stage from ``fine`` to the deepest candidate, in execution
+    order: the deepest candidate, and for each finer grid met walking back from it the deepest
+    layer of that grid (``pick``: or the block output that ends the stage)."""
+    out, grid = [cands[-1]], tuple(cands[-1].feature_shape)
+    for info in reversed(cands):
+        if tuple(info.feature_shape) == tuple(fine.feature_shape):
+            break
+        if _finer(info.feature_shape, grid) and _finer(fine.feature_shape, info.feature_shape):
+            out.append(pick(info))
+            grid = tuple(info.feature_shape)
+    return [fine, *out[::-1]]
+
+
+def _outermost(cands: Sequence[LayerInfo], info: LayerInfo) -> LayerInfo:
+    """The outermost module (fewest dots in its name; the deepest of those) among the
+    consecutive candidates that share ``info``'s grid and end at ``info``: a block's output
+    rather than a layer inside the next block (MONAI ResNet50's ``layer2``, not the
+    ``layer3.0.bn1`` that still has ``layer2``'s grid before its strided conv)."""
+    k = next(n for n, c in enumerate(cands) if c is info)
+    j = k
+    while j > 0 and tuple(cands[j - 1].feature_shape) == tuple(info.feature_shape):
+        j -= 1
+    run = cands[j : k + 1]
+    depth = min(c.name.count(".") for c in run)
+    return [c for c in run if c.name.count(".") == depth][-1]
+
+
+def _grids(layers: Sequence[LayerInfo]) -> dict[str, tuple[int, ...]]:
+    return {i.name: tuple(i.feature_shape) for i in layers}
+
+
+def auto_method(model_output_shape: tuple[int, ...]) -> tuple[str, str]:
+    """The method ``method="auto"`` uses for a model output shape, and why.
+
+    Classifier outputs ``(B, classes)`` get Grad-CAM. Segmentation outputs ``(B, C, *spatial)``
+    get LayerCAM: Grad-CAM averages each channel's gradient over the whole volume, which on a
+    segmentation network smears the evidence of a small structure over everything the channel
+    responds to (on the benchmark's UNet its pointing game was 0.00, LayerCAM's 1.00).
+    """
+    if len(model_output_shape) > 2:
+        return "layercam", (
+            "auto: segmentation output (B, C, *spatial): LayerCAM (element-wise gradient "
+            "weights; Grad-CAM's volume-averaged weights smear a small structure)"
+        )
+    return "gradcam", "auto: classifier output (B, classes): Grad-CAM"

@@ -1,0 +1,242 @@
+"""The default layer rule (``layers="auto"``): what it picks on MONAI networks, and that the
+choice and its reason reach the result's metadata, the CLI and every entry point's default."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from monai.networks.nets import DenseNet121, SwinUNETR, UNet, resnet18, resnet50
+from torch import nn
+
+import medcam
+from medcam.engine.auto import auto_choice
+from medcam.engine.layers import trace_layers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def choose(net: nn.Module, x: torch.Tensor, **kw):
+    infos, out = trace_layers(net.eval(), x)
+    return auto_choice(infos, x.shape, tuple(out.shape), **kw)
+
+
+@pytest.mark.slow
+def test_densenet121_fuses_one_layer_per_resolution_stage():
+    # DenseNet121-3D at 64^3: stem conv (stride 2) + max-pool -> 16^3 (1/4); denseblock1 and
+    # the 1x1 conv of transition1 stay at 16^3, its avg-pool halves to 8^3; transitions 2 and
+    # 3 -> 4^3 and 2^3 for denseblock4 / class_layers.relu. The deepest layer of each grid
+    # before a pool is the transition's conv.
+    net = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
+    c = choose(net, torch.zeros(1, 1, 64, 64, 64))
+    assert c.grids == {
+        "features.transition1.conv": (16, 16, 16),
+        "features.transition2.conv": (8, 8, 8),
+        "features.transition3.conv": (4, 4, 4),
+        "class_layers.relu": (2, 2, 2),
+    }
+    assert c.layers == list(c.grids) and c.fusion == "product"
+    assert "1/4 of the input 64x64x64" in c.rule and "class_layers.relu (2x2x2)" in c.rule
+    pair = choose(net, torch.zeros(1, 1, 64, 64, 64), chain=False, fusion="mean")
+    assert pair.layers == ["features.transition1.conv", "class_layers.relu"]
+    assert pair.fusion == "mean"
+    # the variant the benchmark compares: each stage's block output
+    blocks = choose(net, torch.zeros(1, 1, 64, 64, 64), block_outputs=True)
+    assert blocks.layers[:3] == [f"features.denseblock{i}" for i in (1, 2, 3)]
+
+
+def test_resnet50_bottleneck_stages():
+    # In a bottleneck the stride sits in conv2, so layer3.0.conv1 / bn1 still have layer2's
+    # 16^2 grid (layer3.0.relu runs three times per block: not a candidate). The deepest
+    # layer of each grid is therefore the next stage's first bn1; block_outputs=True takes
+    # the stage's own output instead.
+    net = resnet50(spatial_dims=2, n_input_channels=1, num_classes=2)
+    c = choose(net, torch.zeros(1, 1, 64, 64))
+    assert c.grids == {"layer3.0.bn1": (16, 16), "layer4.0.bn1": (8, 8), "layer4": (4, 4)}
+    assert c.layers == list(c.grids)
+    blocks = choose(net, torch.zeros(1, 1, 64, 64), block_outputs=True)
+    assert blocks.grids == {"layer2": (16, 16), "layer3": (8, 8), "layer4": (4, 4)}
+
+
+def test_resnet18_2d_fuses_layer2_to_layer4():
+    # MONAI's ResNet keeps the stem at stride 1 (conv1_t_stride=1), max-pool -> 1/2, layer2 ->
+    # 1/4, layer3 -> 1/8, layer4 -> 1/16: at 96^2 layer2 is 24^2 and layer4 6^2.
+    net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3)
+    c = choose(net, torch.zeros(1, 1, 96, 96))
+    assert c.layers == ["layer2", "layer3", "layer4"]
+    assert c.grids == {"layer2": (24, 24), "layer3": (12, 12), "layer4": (6, 6)}
+
+
+def test_segmenters_explain_their_last_feature_layer_alone():
+    unet = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+    c = choose(unet, torch.zeros(1, 1, 32, 32, 32))
+    # model.2 is the head (output-shaped); model.1 (skip connection, 16^3) feeds it
+    assert c.layers == ["model.1"] and c.fusion is None
+    assert "already at least 1/4" in c.rule
+    swin = SwinUNETR(
+        in_channels=1,
+        out_channels=2,
+        feature_size=12,
+        spatial_dims=3,
+        depths=(1, 1, 1, 1),
+        norm_name="batch",
+    )
+    c = choose(swin, torch.zeros(1, 1, 32, 32, 32))
+    # decoder1 (full resolution) feeds the output block "out"
+    assert c.layers == ["decoder1"] and c.grids["decoder1"] == (32, 32, 32)
+
+
+def test_min_fraction_is_checked_per_axis():
+    # anisotropic input 64x64x8: the z axis limits the fine layer (1/4 of 8 = 2)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.MaxPool3d(2),  # 32x32x4
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d(2),  # 16x16x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d((2, 2, 1)),  # 8x8x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.MaxPool3d((2, 2, 1)),  # 4x4x2
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    c = choose(net, torch.zeros(1, 1, 64, 64, 8))
+    # the conv "4" (16x16x2) is the deepest with >= 16 in-plane and >= 2 through-plane; "6"
+    # (8x8x2) has the z extent but not the in-plane one: it is the stage between
+    assert c.grids == {"4": (16, 16, 2), "6": (8, 8, 2), "8": (4, 4, 2)}
+    assert c.layers == ["4", "6", "8"]
+    c = choose(net, torch.zeros(1, 1, 64, 64, 8), min_fraction=0.5, fusion=None)
+    assert c.layers == ["2"] and c.fusion is None and "8 (4x4x2) is coarser" in c.rule
+
+
+def test_no_fine_layer_and_no_candidate():
+    coarse = nn.Sequential(nn.Conv2d(1, 3, 8, stride=8), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    c = choose(coarse, torch.zeros(1, 1, 32, 32))  # 4x4 = 1/8 at best
+    assert c.layers == ["1"] and "every feature grid is coarser" in c.rule
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with pytest.raises(medcam.LayerError, match="no layer with a spatial feature-map"):
+        choose(flat, torch.zeros(1, 1, 4, 4))
+
+
+def test_explain_records_the_choice_and_fuses():
+    net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
+    x = torch.randn(2, 1, 64, 64)
+    result = medcam.explain(net, x)
+    names = ["layer2", "layer3", "layer4"]
+    assert result.layers == names and result.fusion == "product"
+    meta = result.metadata()
+    assert meta["layers_chosen_by"].startswith("auto: product fusion of")
+    assert "layer2 (16x16), layer3 (8x8), layer4 (4x4)" in meta["layers_chosen_by"]
+    # the fused map is the geometric mean of the peak-scaled single-layer maps
+    single = [medcam.explain(net, x, layers=n).heatmap for n in names]
+    scaled = [m / m.flatten(2).amax(2)[..., None, None] for m in single]
+    expected = (scaled[0] * scaled[1] * scaled[2]) ** (1 / 3)
+    torch.testing.assert_close(result.heatmap, expected, rtol=1e-4, atol=1e-6)
+    json.dumps(meta)  # JSON-able
+
+
+def test_last_keeps_the_old_default_and_user_fusion_wins():
+    net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
+    x = torch.randn(1, 1, 64, 64)
+    last = medcam.explain(net, x, layers="last")
+    assert last.layers == ["layer4"] and last.fusion is None
+    assert last.metadata()["layers_chosen_by"] == "last: the deepest feature layer layer4 (4x4)"
+    assert medcam.explain(net, x, layers="auto", fusion="mean").fusion == "mean"
+    assert medcam.explain(net, x, layers="layer3").metadata()["layers_chosen_by"] == "user"
+    with pytest.raises(medcam.LayerError, match="'last' cannot be combined"):
+        medcam.Explainer(net, ["last", "layer3"])
+
+
+def test_a_module_named_last_is_a_layer_name():
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(1, 2, 3, padding=1))
+    net.add_module("last", nn.Conv2d(2, 2, 3, stride=2, padding=1))
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    result = medcam.explain(net, torch.randn(1, 1, 8, 8), 0, layers="last")
+    assert result.layers == ["last"] and result.metadata()["layers_chosen_by"] == "user"
+
+
+def test_every_entry_point_has_the_same_default():
+    from medcam import cli
+    from medcam.bundle import CAMHandler
+    from medcam.pipeline import ExplainSettings
+    from medcam.runner import cohort_processor, explain_inputs, load_timepoints
+
+    config = json.loads((ROOT / "configs" / "medcam.json").read_text())["medcam"]
+    assert config.get("fusion") is None  # the rule's own fusion
+    functions = [
+        medcam.Explainer,
+        medcam.explain,
+        medcam.explain_scan,
+        CAMHandler,
+        explain_inputs,
+        load_timepoints,
+        cohort_processor,
+        ExplainSettings,
+    ]
+    commands = [cli.explain, cli.compare, cli.cohort_run, cli.listen]
+    for param in ("layers", "method"):
+        defaults = {inspect.signature(f).parameters[param].default for f in functions}
+        for command in commands:
+            value = next(p.default for p in command.params if p.name == param)
+            defaults.add(value[0] if isinstance(value, (list, tuple)) else value)
+        assert defaults == {config[param]} == {"auto"}, param
+
+
+def test_auto_method_follows_the_output():
+    seg = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    result = medcam.explain(seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)))
+    assert result.method == "layercam"
+    assert result.metadata()["method_chosen_by"].startswith("auto: segmentation output")
+    # the same maps as asking for LayerCAM by name
+    named = medcam.explain(
+        seg, x, medcam.SegmentationTarget(1, mask=torch.ones(16, 16, 16)), method="layercam"
+    )
+    torch.testing.assert_close(result.heatmap, named.heatmap)
+    assert named.metadata()["method_chosen_by"] == "user"
+    clf = resnet18(spatial_dims=2, n_input_channels=1, num_classes=3).eval()
+    result = medcam.explain(clf, torch.randn(2, 1, 32, 32))
+    assert result.method == "gradcam"
+    assert result.metadata()["method_chosen_by"] == "auto: classifier output (B, classes): Grad-CAM"
+
+
+def test_layers_command_shows_the_default_and_why():
+    from medcam.cli import main
+
+    bundle = ROOT / "examples" / "bundles"
+    result = CliRunner().invoke(main, ["layers", "--bundle", str(bundle / "classify3d")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    marked = [ln.split()[0] for ln in lines if ln.endswith("<- default")]
+    assert marked == ["features.transition1.conv", "class_layers.relu"]
+    summary = next(ln for ln in lines if ln.startswith("default (--layer auto)"))
+    assert "features.transition1.conv + class_layers.relu, product fusion" in summary
+    why = next(ln for ln in lines if ln.strip().startswith("why:"))
+    assert "(6x6x6)" in why and "(12x12x12)" in why
+    assert "method (--method auto): classifier output" in result.output
+    seg = CliRunner().invoke(main, ["layers", "--bundle", str(bundle / "segment3d")])
+    assert "default (--layer auto) for input (1, 48, 48, 48): model.1\n" in seg.output
+    assert "method (--method auto): segmentation output (B, C, *spatial): LayerCAM" in seg.output
+
+
+def test_sliding_windows_resolve_the_auto_method():
+    from medcam.engine import explain_sliding_window
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    x = torch.randn(1, 1, 24, 24, 24)
+    auto = explain_sliding_window(medcam.Explainer(net), x, (16, 16, 16), 1)
+    named = explain_sliding_window(medcam.Explainer(net, method="layercam"), x, (16, 16, 16), 1)
+    assert auto.method == "layercam" and auto.extra["sliding_window"]["windows"] > 1
+    meta = auto.metadata()
+    assert meta["method_chosen_by"].startswith("auto: segmentation output")
+    assert meta["layers_chosen_by"].startswith("auto: ") and auto.layers == ["model.1"]
+    torch.testing.assert_close(auto.heatmap, named.heatmap)

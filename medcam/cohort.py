@@ -198,7 +198,7 @@ def run_cohort(
     Returns counts ``{"done", "skipped", "failed"}`` for this rank.
     """
     from medcam.prefetch import overlapped
-    from medcam.progress import StageTimes, current_reporter, reporting
+    from medcam.progress import Sized, StageTimes, current_reporter, reporting
 
     root = OutputDir(out)
     digest = config_hash(config)
@@ -249,7 +249,7 @@ def run_cohort(
     outcomes = overlapped(todo, load, explain, write, depth=prefetch if steps else 0,
                           label=lambda c: c.case_id)  # fmt: skip
     with reporting(times):
-        for outcome in progress(_Sized(outcomes, len(todo))):
+        for outcome in progress(Sized(outcomes, len(todo))):
             case = outcome.item
             if outcome.error is None:
                 counts["done"] += 1
@@ -272,19 +272,6 @@ def run_cohort(
                     "run the cohort again: finished cases are skipped."
                 ) from err
     return counts
-
-
-class _Sized:
-    """An iterator with a length (so a progress bar knows the total)."""
-
-    def __init__(self, iterator: Iterable, length: int) -> None:
-        self.iterator, self.length = iterator, length
-
-    def __iter__(self):
-        return iter(self.iterator)
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def gather_and_index(out: str | Path, rank: int, world: int) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 __all__ = [
@@ -90,6 +90,27 @@ def stage(name: str) -> Iterator[None]:
         yield
     finally:
         reporter.finished(who, name, time.perf_counter() - start)
+
+
+class Sized:
+    """An iterable with a length, so that a progress bar knows the total.
+
+    Parameters
+    ----------
+    iterable : Iterable
+        What is iterated (e.g. a generator of results, in order).
+    length : int
+        How many items it yields.
+    """
+
+    def __init__(self, iterable: Iterable, length: int) -> None:
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self) -> Iterator:
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class StageTimes:

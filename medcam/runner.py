@@ -348,7 +348,7 @@ def explain_inputs(
     from medcam.io.output import OutputDir
     from medcam.io.scan import load_scan
     from medcam.prefetch import overlapped
-    from medcam.progress import StageTimes, current_reporter, reporting
+    from medcam.progress import Sized, StageTimes, current_reporter, reporting
     from medcam.writers.outputs import case_name
     from medcam.writers.registry import check_formats
 
@@ -381,7 +381,7 @@ def explain_inputs(
                           label=str)  # fmt: skip
     with reporting(times):
         try:
-            for outcome in progress(_Sized(outcomes, len(cases))):
+            for outcome in progress(Sized(outcomes, len(cases))):
                 seconds = times.pop(str(outcome.item))
                 if outcome.error is not None:
                     raise outcome.error
@@ -407,19 +407,6 @@ def manifest_errors(path: Path) -> Iterator[None]:
         raise InputError(
             f"Cannot read the manifest {path} ({why}). Give a UTF-8 CSV file with a header row."
         ) from err
-
-
-class _Sized:
-    """An iterator with a length (so a progress bar knows the total)."""
-
-    def __init__(self, iterator: Iterable, length: int) -> None:
-        self.iterator, self.length = iterator, length
-
-    def __iter__(self):
-        return iter(self.iterator)
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:

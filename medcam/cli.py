@@ -50,9 +50,9 @@ def _run_options(f):
 
 
 class _Progress:
-    """The command line's progress: a per-case bar (tqdm, on stderr) that shows the stage each
-    case is in (load, preprocess, explain, back to scan, each writer), and one line per case
-    with its stage times; nothing with ``quiet``."""
+    """The command line's progress: a per-case bar (tqdm, on stderr, when that is a terminal)
+    that shows the stage each case is in (load, preprocess, explain, back to scan, each
+    writer), and one line per case with its stage times; nothing with ``quiet``."""
 
     def __init__(self, quiet: bool, **bar_options) -> None:
         from medcam.progress import BarReporter
@@ -65,7 +65,9 @@ class _Progress:
             return iterable
         from tqdm import tqdm
 
-        self.bar = tqdm(iterable, **self.bar_options)
+        # no bar when stderr is not a terminal (a log file, a batch job): the per-case lines say
+        # it all there, without a carriage-return redraw for every stage
+        self.bar = tqdm(iterable, **{"disable": None, **self.bar_options})
         return self.bar
 
     def log(self, text: str) -> None:

@@ -258,6 +258,7 @@ def test_progress_lines_per_case_and_quiet(tmp_path, phantom_cases):
     assert loud.exit_code == 0, loud.output
     lines = [line for line in loud.output.splitlines() if "outputs): " in line]
     assert len(lines) == 2  # one per case, with its stage times
+    assert "case/s" not in loud.output and "\r" not in loud.output  # no bar without a terminal
     for line in lines:
         for stage in ("load", "preprocess", "explain", "back to scan", "nifti", "json"):
             assert f"{stage} " in line.split("outputs): ", 1)[1]

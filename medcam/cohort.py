@@ -249,28 +249,31 @@ def run_cohort(
     outcomes = overlapped(todo, load, explain, write, depth=prefetch if steps else 0,
                           label=lambda c: c.case_id)  # fmt: skip
     with reporting(times):
-        for outcome in progress(Sized(outcomes, len(todo))):
-            case = outcome.item
-            if outcome.error is None:
-                counts["done"] += 1
-                continue
-            err = outcome.error  # recorded; the rank moves on to its next case
-            record = new_record(case)
-            record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback="".join(traceback.format_exception(err, limit=5)),
-                          finished=_now(), seconds=times.pop(case.case_id))  # fmt: skip
-            counts["failed"] += 1
-            log(f"[rank {rank}] {case.case_id} failed: {type(err).__name__}: {err}")
-            try:
-                with root.case(case.case_id) as stage:  # a failed run leaves only its record
-                    _write_record(stage, record)
-            except OSError as err:  # the folder itself fails (a full disk): stop the run
-                raise OutputError(
-                    f"Case {case.case_id} failed ({record['error']}), and its failure cannot be "
-                    f"recorded in {root.path} either ({err.strerror or err}); the rank stops. "
-                    "Nothing of the case was written. Free space or fix the output folder, then "
-                    "run the cohort again: finished cases are skipped."
-                ) from err
+        try:
+            for outcome in progress(Sized(outcomes, len(todo))):
+                case = outcome.item
+                if outcome.error is None:
+                    counts["done"] += 1
+                    continue
+                err = outcome.error  # recorded; the rank moves on to its next case
+                record = new_record(case)
+                record.update(status="failed", error=f"{type(err).__name__}: {err}",
+                              traceback="".join(traceback.format_exception(err, limit=5)),
+                              finished=_now(), seconds=times.pop(case.case_id))  # fmt: skip
+                counts["failed"] += 1
+                log(f"[rank {rank}] {case.case_id} failed: {type(err).__name__}: {err}")
+                try:
+                    with root.case(case.case_id) as stage:  # a failed run leaves only its record
+                        _write_record(stage, record)
+                except OSError as err:  # the folder itself fails (a full disk): stop the run
+                    raise OutputError(
+                        f"Case {case.case_id} failed ({record['error']}), and its failure "
+                        f"cannot be recorded in {root.path} either ({err.strerror or err}); the "
+                        "rank stops. Nothing of the case was written. Free space or fix the "
+                        "output folder, then run the cohort again: finished cases are skipped."
+                    ) from err
+        finally:
+            outcomes.close()  # a write in flight completes; nothing after a stop starts
     return counts
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from medcam.engine.core import Explainer
+from medcam.engine.inputs import model_dtype
 from medcam.engine.result import CAMResult
 from medcam.engine.sliding import SlidingWindow, explain_sliding_window
 from medcam.engine.targets import as_target
@@ -146,6 +147,8 @@ def _fits(explainer: Explainer, x: torch.Tensor, multiple: int) -> bool:
 
     window = _padded_window(x.shape[2:], [multiple] * (x.ndim - 2))
     xp = _pad(x, window_layout(x.shape[2:], window, x.device), window)
+    dtype = model_dtype(explainer.model)
+    xp = xp if dtype is None else xp.to(dtype)  # as the explainer casts it
     try:
         with torch.no_grad(), eval_mode(explainer.model, explainer.eval):
             explainer.model(xp)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from medcam.engine.auto import auto_method
 from medcam.engine.core import Explainer
+from medcam.engine.inputs import model_dtype
 from medcam.engine.layers import eval_mode, model_device
 from medcam.engine.methods import GRADCAM_PP_EPS, XGRADCAM_EPS, CAMMethod, get_method
 from medcam.engine.postprocess import fuse_maps
@@ -272,14 +273,17 @@ def _split_target(
             raise TargetError("A sliding-window target must give (1, K) scores for one volume.")
         parts = []
         k_total = scores.shape[1]
+        if not scores.requires_grad:
+            raise TargetError(
+                "The target's scores do not depend on the stitched prediction (no gradient "
+                "reaches it), so every window's map would be empty. Give a target computed from "
+                "the logits it is passed."
+            )
         for k in range(k_total):
-            if not scores.requires_grad:
-                grad = torch.zeros_like(p)
-            else:
-                (grad,) = torch.autograd.grad(
-                    scores[0, k], p, retain_graph=k < k_total - 1, allow_unused=True
-                )
-                grad = torch.zeros_like(p) if grad is None else grad
+            (grad,) = torch.autograd.grad(
+                scores[0, k], p, retain_graph=k < k_total - 1, allow_unused=True
+            )
+            grad = torch.zeros_like(p) if grad is None else grad
             parts.append(_compact(grad[0].detach(), layout))
             del grad
     description = target_fn.describe(p.ndim) + ", on the stitched sliding-window prediction"
@@ -466,19 +470,16 @@ def explain_sliding_window(
     x = torch.as_tensor(x)
     if x.ndim < 3:
         raise MedcamError(f"The input has shape {tuple(x.shape)}; expected (B, C, *spatial).")
-    target_fn = resolve_target(target)
-    method_chosen_by = "user"
-    if explainer.method is None:  # method="auto": windows give a dense output (see auto_method)
-        name, method_chosen_by = auto_method((1, 1, *x.shape[2:]))
-        explainer = copy.copy(explainer)
-        explainer.method = get_method(name)
-    results = []
-    for b in range(x.shape[0]):
-        pred_b = None
+    with torch.inference_mode(False):  # targets and windows need autograd, as in Explainer
+        x = x.clone() if x.is_inference() else x  # an inference tensor cannot be saved
         if prediction is not None:
-            pred_b = torch.as_tensor(prediction)[b : b + 1]
-        one = _explain_one(explainer, x[b : b + 1], window, target_fn, pred_b)
-        results.append(replace(one, method_chosen_by=method_chosen_by))
+            prediction = torch.as_tensor(prediction)
+            prediction = prediction.clone() if prediction.is_inference() else prediction
+        target_fn = resolve_target(target)
+        results = []
+        for b in range(x.shape[0]):
+            pred_b = None if prediction is None else prediction[b : b + 1]
+            results.append(_explain_one(explainer, x[b : b + 1], window, target_fn, pred_b))
     if len(results) == 1:
         return results[0]
     return _concat(results)
@@ -502,9 +503,10 @@ def _stitched_prediction(explainer: Explainer, x: torch.Tensor, window: SlidingW
     from monai.inferers import sliding_window_inference
 
     model = explainer.model
+    dtype = model_dtype(model)
 
     def predictor(w: torch.Tensor) -> torch.Tensor:
-        out = select_output(model(w), explainer.output)
+        out = select_output(model(w if dtype is None else w.to(dtype)), explainer.output)
         if out.ndim != w.ndim:
             raise ModelError(
                 "Sliding windows need a network with a dense (segmentation) output, but this "
@@ -542,11 +544,18 @@ def _explain_one(
             "inferer's importance weights (see medcam.engine.sliding)",
         }
     }
-    method = explainer.method.name
+    method = None if explainer.method is None else explainer.method.name  # None: "auto"
     if len(layout.slices) == 1 and (not any(layout.pad) or method not in ("xgradcam", "gradcam++")):
         # (XGrad-CAM and Grad-CAM++ sum activations over the input: with padding, the general
-        # path below keeps the padding out of those sums)
+        # path below keeps the padding out of those sums.) One direct call: "auto" is chosen
+        # there from the network's real output, a classifier's included (explain_whole's
+        # padding comes this way).
         return _single_window(explainer, x, layout, window, target_fn, extra)
+    method_chosen_by = "user"
+    if method is None:  # several windows: the output is dense (see auto_method)
+        method, method_chosen_by = auto_method((1, 1, *x.shape[2:]))
+        explainer = copy.copy(explainer)
+        explainer.method = get_method(method)
     if method not in ELEMENTWISE + GLOBAL_WEIGHTS + BLENDED:
         raise MedcamError(
             f"Method {method!r} cannot be split over sliding windows; use one of "
@@ -589,6 +598,7 @@ def _explain_one(
         fusion=fusion if fused is not None else None,
         batched_backward=batched,
         layers_chosen_by=layers_chosen_by,
+        method_chosen_by=method_chosen_by,
         extra=extra,
     )
 
@@ -606,7 +616,7 @@ def _single_window(explainer, x, layout, window, target_fn, extra) -> CAMResult:
     crop = layout.crop
     result = explainer(_pad(x, layout, window), _Cropped(target_fn, crop))
     scale = 1.0
-    if explainer.method.name == "gradcam":
+    if result.method == "gradcam":
         scale = math.prod(layout.padded) / math.prod(layout.spatial)
     heatmaps = {n: m[(slice(None), slice(None), *crop)] * scale for n, m in result.heatmaps.items()}
     raw = {n: m * scale for n, m in result.raw.items()}

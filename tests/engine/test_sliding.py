@@ -273,3 +273,61 @@ def test_explain_scan_with_sliding_windows(tmp_path):
     assert meta["input_shape"] == [1, 1, 40, 36, 30] and meta["feature_shapes"] == {
         "conv": [16, 16, 16]
     }
+
+
+class PoolingClassifier(nn.Module):
+    """A 3D classifier that takes only sizes of at least 16 (two 4x max-pools)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.pool = nn.Sequential(nn.MaxPool3d(4), nn.MaxPool3d(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+def test_auto_method_of_a_padded_classifier_is_chosen_from_its_output():
+    """explain_whole pads through the one-window path; "auto" must still see a classifier."""
+    net = PoolingClassifier().eval()
+    x = _input((5, 5, 5))
+    with pytest.raises(RuntimeError):
+        net(x)
+    result = explain_whole(medcam.Explainer(net, "conv", "auto"), x, 1)
+    assert result.method == "gradcam" and "padded_to_size_multiple" in result.extra
+    direct = medcam.Explainer(net, "conv", "auto")(_input((16, 16, 16)), 1)
+    assert direct.method == "gradcam" and result.method_chosen_by == direct.method_chosen_by
+
+
+def test_sliding_windows_under_inference_mode_equal_the_normal_call():
+    net = Pointwise().eval()
+    x = _input((20, 18, 12))
+    explainer = medcam.Explainer(net, "b", "layercam")
+    window = SlidingWindow((8, 8, 8), 2, 0.25)
+    expected = explain_sliding_window(explainer, x, window, "pred")
+    assert expected.heatmap.abs().sum() > 0
+    with torch.inference_mode():
+        got = explain_sliding_window(explainer, x, window, "pred")
+    torch.testing.assert_close(got.heatmap, expected.heatmap)
+
+
+def test_a_target_that_ignores_the_prediction_is_refused_not_an_empty_map():
+    explainer = medcam.Explainer(Pointwise().eval(), "b", "layercam")
+    constant = lambda logits: torch.ones(1, 1)  # noqa: E731
+    with pytest.raises(MedcamError, match="do not depend on the stitched prediction"):
+        explain_sliding_window(explainer, _input((20, 18, 12)), SlidingWindow((8, 8, 8)), constant)
+
+
+def test_a_bfloat16_segmenter_in_sliding_windows():
+    """Windows and the stitched prediction are cast to the model's dtype, as a direct call is."""
+    net = Pointwise().eval()
+    x = _input((20, 18, 12))
+    window = SlidingWindow((8, 8, 8), 2, 0.25)
+    reference = explain_sliding_window(medcam.Explainer(net, "b", "layercam"), x, window, "pred")
+    half = explain_sliding_window(medcam.Explainer(Pointwise().eval().to(torch.bfloat16), "b",
+                                                   "layercam"), x, window, "pred")  # fmt: skip
+    assert half.heatmap.dtype == torch.float32 and torch.isfinite(half.heatmap).all()
+    r = np.corrcoef(half.heatmap.flatten().numpy(), reference.heatmap.flatten().numpy())[0, 1]
+    assert r > 0.95

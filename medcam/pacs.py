@@ -222,6 +222,27 @@ def http_errors(endpoint: DicomWebEndpoint, what: str) -> Iterator[None]:
         raise PacsError(f"DICOMweb request to {endpoint} failed while {what}: {err}") from err
 
 
+class DicomWebConnection:
+    """A DICOMweb service's endpoint and ``dicomweb-client`` session, shared by the DICOMweb
+    source (QIDO/WADO-RS) and sink (STOW-RS): the address checked, the client made with the
+    environment's credentials, and a connection check."""
+
+    endpoint: DicomWebEndpoint
+    address: str
+
+    def _connect(self, address: str, *, timeout: float, attempts: int, env: Any) -> None:
+        endpoint = parse_endpoint(address)
+        if not isinstance(endpoint, DicomWebEndpoint):
+            raise PacsError(f"{address!r} is not a DICOMweb address.")
+        self.endpoint = endpoint
+        self.address = str(endpoint)
+        self.client = dicomweb_client(endpoint, timeout=timeout, attempts=attempts, env=env)
+
+    def check(self) -> None:
+        with http_errors(self.endpoint, "checking the connection (QIDO-RS)"):
+            self.client.search_for_studies(limit=1)
+
+
 # -- DIMSE -------------------------------------------------------------------------------------
 
 

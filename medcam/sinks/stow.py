@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from medcam.errors import PacsError
-from medcam.pacs import DicomWebEndpoint, dicomweb_client, http_errors, parse_endpoint
+from medcam.pacs import DicomWebConnection, http_errors
 from medcam.sinks.base import Sink, WrittenCase, register_sink
 
 __all__ = ["StowSink"]
 
 
-class StowSink(Sink):
+class StowSink(DicomWebConnection, Sink):
     """STOW-RS each derived series of a case (one request per series) to a DICOMweb service.
 
     The server's answer is checked instance by instance (every SOP Instance UID listed as
@@ -22,16 +22,7 @@ class StowSink(Sink):
     def __init__(
         self, address: str, *, timeout: float = 120.0, attempts: int = 3, env: Any = None
     ) -> None:
-        endpoint = parse_endpoint(address)
-        if not isinstance(endpoint, DicomWebEndpoint):
-            raise PacsError(f"{address!r} is not a DICOMweb address.")
-        self.endpoint = endpoint
-        self.address = str(endpoint)
-        self.client = dicomweb_client(endpoint, timeout=timeout, attempts=attempts, env=env)
-
-    def check(self) -> None:
-        with http_errors(self.endpoint, "checking the connection (QIDO-RS)"):
-            self.client.search_for_studies(limit=1)
+        self._connect(address, timeout=timeout, attempts=attempts, env=env)
 
     def send(self, case: WrittenCase) -> int:
         groups = case.dicom_series()

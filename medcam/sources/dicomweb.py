@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from medcam.errors import InputError, OutputError, PacsError
-from medcam.pacs import DicomWebEndpoint, dicomweb_client, http_errors, parse_endpoint
+from medcam.pacs import DicomWebConnection, http_errors
 from medcam.sources.base import SeriesRef, Source, register_source
 
 __all__ = ["DicomWebSource"]
@@ -17,7 +17,7 @@ def _value(row: dict, tag: str, default: Any = "") -> Any:
     return values[0] if values else default
 
 
-class DicomWebSource(Source):
+class DicomWebSource(DicomWebConnection, Source):
     """A DICOMweb service (``dicomweb-client``): QIDO-RS search, WADO-RS retrieve.
 
     Parameters
@@ -32,16 +32,7 @@ class DicomWebSource(Source):
     def __init__(
         self, address: str, *, timeout: float = 60.0, attempts: int = 3, env: Any = None
     ) -> None:
-        endpoint = parse_endpoint(address)
-        if not isinstance(endpoint, DicomWebEndpoint):
-            raise PacsError(f"{address!r} is not a DICOMweb address.")
-        self.endpoint = endpoint
-        self.address = str(endpoint)
-        self.client = dicomweb_client(endpoint, timeout=timeout, attempts=attempts, env=env)
-
-    def check(self) -> None:
-        with http_errors(self.endpoint, "checking the connection (QIDO-RS)"):
-            self.client.search_for_studies(limit=1)
+        self._connect(address, timeout=timeout, attempts=attempts, env=env)
 
     def series(self, study_uid: str | None = None) -> list[SeriesRef]:
         if not study_uid:

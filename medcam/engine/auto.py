@@ -117,6 +117,7 @@ def auto_choice(
     chain: bool = DEFAULT_CHAIN,
     fusion: Fusion | None = DEFAULT_FUSION,
     block_outputs: bool = False,
+    coarsest: float | Fraction | None = None,
 ) -> AutoChoice:
     """Choose the default target layer(s) from one shape pass.
 
@@ -145,6 +146,10 @@ def auto_choice(
         see :func:`_outermost`) instead of its deepest layer (the default: on DenseNets the
         deepest layer is the transition's 1x1 conv, which localised better than the dense
         block's concatenated output in ``benchmarks/bench_quality.py`` and the demo).
+    coarsest:
+        With ``chain``: leave out the layers whose grid is coarser than this fraction of the
+        input on some axis (the fine layer always stays). ``None`` keeps every stage down to
+        the deepest layer.
 
     Returns
     -------
@@ -183,17 +188,7 @@ def auto_choice(
             return AutoChoice([deep.name], None, rule, _grids([deep]))
     else:
         frac = Fraction(min_fraction).limit_denominator(1000)
-        fine = next(
-            (
-                i
-                for i in reversed(cands)
-                if all(
-                    g * frac.denominator >= s * frac.numerator
-                    for g, s in zip(i.feature_shape, spatial, strict=True)
-                )
-            ),
-            None,
-        )
+        fine = next((i for i in reversed(cands) if _at_least(i.feature_shape, spatial, frac)), None)
         what = f"whose grid is at least {frac} of the input {inp} per axis"
         if fine is not None and fine is not deep:
             fine = pick(fine)
@@ -223,12 +218,38 @@ def auto_choice(
         )
         return AutoChoice([fine.name, deep.name], fusion, rule, _grids([fine, deep]))
     layers = _chain(cands, fine, pick)
-    listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in layers)
-    rule = (
-        f"{fusion} fusion of the deepest layer of each resolution stage, from the deepest "
-        f"feature layer back to the deepest layer {what}: {listed}"
+    if coarsest is None:
+        listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in layers)
+        rule = (
+            f"{fusion} fusion of the deepest layer of each resolution stage, from the deepest "
+            f"feature layer back to the deepest layer {what}: {listed}"
+        )
+        return AutoChoice([i.name for i in layers], fusion, rule, _grids(layers))
+    low = Fraction(coarsest).limit_denominator(1000)
+    kept = [layers[0], *(i for i in layers[1:] if _at_least(i.feature_shape, spatial, low))]
+    left_out = (
+        f"; grids coarser than {low} of the input are left out (deepest feature layer "
+        f"{deep.name}, {deep_grid})"
+        if len(kept) < len(layers)
+        else ""
     )
-    return AutoChoice([i.name for i in layers], fusion, rule, _grids(layers))
+    if len(kept) == 1:
+        rule = f"the deepest layer {what}: {fine_text}" + left_out
+        return AutoChoice([fine.name], None, rule, _grids(kept))
+    listed = ", ".join(f"{i.name} ({_grid(i.feature_shape)})" for i in kept)
+    rule = (
+        f"{fusion} fusion of the deepest layer of each resolution stage whose grid is between "
+        f"{frac if stages_back is None else fine_text} and {low} of the input {inp} per axis: "
+        f"{listed}" + left_out
+    )
+    return AutoChoice([i.name for i in kept], fusion, rule, _grids(kept))
+
+
+def _at_least(grid: Sequence[int], spatial: Sequence[int], frac: Fraction) -> bool:
+    """True when ``grid`` is at least ``frac`` of ``spatial`` along every axis."""
+    return all(
+        g * frac.denominator >= s * frac.numerator for g, s in zip(grid, spatial, strict=True)
+    )
 
 
 def _chain(cands: Sequence[LayerInfo], fine: LayerInfo, pick) -> list[LayerInfo]:

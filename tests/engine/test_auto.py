@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ def test_densenet121_fuses_one_layer_per_resolution_stage():
     # the variant the benchmark compares: each stage's block output
     blocks = choose(net, torch.zeros(1, 1, 64, 64, 64), block_outputs=True)
     assert blocks.layers[:3] == [f"features.denseblock{i}" for i in (1, 2, 3)]
+    # and a window: grids coarser than 1/8 of 64 (8^3) left out of the chain
+    window = choose(net, torch.zeros(1, 1, 64, 64, 64), coarsest=Fraction(1, 8))
+    assert window.layers == ["features.transition1.conv", "features.transition2.conv"]
+    assert "between 1/4 and 1/8" in window.rule and "left out" in window.rule
+    alone = choose(net, torch.zeros(1, 1, 64, 64, 64), coarsest=Fraction(1, 4))
+    assert alone.layers == ["features.transition1.conv"] and alone.fusion is None
 
 
 def test_resnet50_bottleneck_stages():
@@ -111,6 +118,9 @@ def test_min_fraction_is_checked_per_axis():
     # (8x8x2) has the z extent but not the in-plane one: it is the stage between
     assert c.grids == {"4": (16, 16, 2), "6": (8, 8, 2), "8": (4, 4, 2)}
     assert c.layers == ["4", "6", "8"]
+    # the window's lower bound is per axis too: "6" (8x8x2) is 1/8 in-plane, "8" is not
+    c = choose(net, torch.zeros(1, 1, 64, 64, 8), coarsest=Fraction(1, 8))
+    assert c.layers == ["4", "6"]
     c = choose(net, torch.zeros(1, 1, 64, 64, 8), min_fraction=0.5, fusion=None)
     assert c.layers == ["2"] and c.fusion is None and "8 (4x4x2) is coarser" in c.rule
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet121, resnet18
+from procmem import peak_rss
 
 import medcam
 
@@ -100,16 +101,6 @@ def cuda_peak(fn: Callable[[], object]) -> int:
     torch.cuda.synchronize()
     del out
     return torch.cuda.max_memory_allocated() - start
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM; unlike ru_maxrss, it is not
-    inherited from the parent across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def cpu_peak_in_fresh_process(argv: list[str], model_index: int, case: str) -> int:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procmem import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -193,14 +194,6 @@ def case_simpleitk(series):
         return lambda p: np.array([t.TransformPoint([float(x) for x in q]) for q in p])
 
     return seconds, _accuracy(series, [mapper(t) for t in transforms], volumes)
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
 
 
 def current_rss() -> int:

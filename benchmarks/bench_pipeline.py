@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procmem import peak_rss
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 BUNDLE = ROOT / "examples" / "bundles" / "classify3d"
@@ -369,16 +371,6 @@ def run_minimal(series: Path, out: Path, device: str) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (VmHWM: its own, unlike ru_maxrss,
-    which a child inherits across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child_cli(argv: list[str]) -> None:

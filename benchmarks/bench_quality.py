@@ -322,12 +322,14 @@ def rule_table(models: list[dict]) -> list[dict]:
     """Every rule candidate over ``models``: mean / min strict PG, share of models meeting the
     targets (>= 0.9 x the best single layer of any sweep method and >= 0.8), mean energy PG."""
     keys = list(models[0]["rules"])
+    bests = [
+        max(v["pg"] for sweep in m["layer_sweep"].values() for v in sweep.values()) for m in models
+    ]
     out = []
     for key in keys:
         pgs, ok, energy = [], 0, []
-        for m in models:
+        for m, best in zip(models, bests, strict=True):
             r = m["rules"][key]
-            best = max(v["pg"] for sweep in m["layer_sweep"].values() for v in sweep.values())
             pgs.append(r["pg"])
             energy.append(r["energy"])
             ok += r["pg"] >= 0.9 * best - 1e-9 and r["pg"] >= 0.8

@@ -6,6 +6,7 @@ invert to original space -> write (NIfTI, DICOM, figures) -> longitudinal compar
 
 __version__ = "0.1.0"
 
+from medcam.calibrate import Calibration, calibrate_layers, calibrate_scans
 from medcam.engine import (
     METHODS,
     AllClasses,
@@ -37,6 +38,7 @@ __all__ = [
     "METHODS",
     "AllClasses",
     "CAMResult",
+    "Calibration",
     "ClassTarget",
     "Explainer",
     "InputError",
@@ -53,6 +55,8 @@ __all__ = [
     "TargetError",
     "TrustError",
     "__version__",
+    "calibrate_layers",
+    "calibrate_scans",
     "explain",
     "explain_scan",
     "list_layers",

@@ -390,10 +390,35 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
               "bundle's metadata).")  # fmt: skip
 @click.option("--in-channels", type=int, default=None, help="Input channels (default 1).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without spatial output.")
-def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all):
+@click.option("--calibrate", "cases_csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with columns scan, mask (a label image on the scan's grid, nonzero = "
+              "the evidence): explain these labelled cases at every layer and method and say "
+              "which points at the evidence (see docs/engine.md).")  # fmt: skip
+@click.option(
+    "--target",
+    default="pred",
+    show_default=True,
+    help="With --calibrate: the class explained (pred, a class index, seg:1).",
+)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False),
+    help="With --calibrate: write the choice and the whole table to this JSON file.",
+)
+def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all,
+           cases_csv, target, save):  # fmt: skip
     """List candidate target layers with their feature-grid shapes, and say which layers the
-    default (--layer auto) explains and why."""
+    default (--layer auto) explains and why; with --calibrate, choose them from labelled
+    cases."""
     import torch
+
+    if cases_csv:
+        if input_size or in_channels or show_all:
+            raise click.UsageError("--calibrate takes the input size from the preprocessing; "
+                                   "drop --input-size, --in-channels and --all.")  # fmt: skip
+        return _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save)
+    if save:
+        raise click.UsageError("--save goes with --calibrate.")
 
     from medcam.engine.auto import auto_choice, auto_method
     from medcam.engine.layers import check_hookable, model_device, trace_layers
@@ -437,6 +462,60 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
             why_method = auto_method(out_shape)[1].removeprefix("auto: ")
             click.echo(f"  method (--method auto): {why_method}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
+
+    _run(work)
+
+
+def _read_cases(path: str) -> list[tuple[Path, Path]]:
+    """``scan, mask`` rows of a CSV, relative paths taken from the CSV's folder."""
+    import csv
+
+    base = Path(path).parent
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"scan", "mask"} <= set(rows[0]):
+        raise MedcamError(f"{path}: needs a header with columns scan, mask and one row per case.")
+    cases = []
+    for n, row in enumerate(rows, start=2):
+        pair = []
+        for key in ("scan", "mask"):
+            p = Path((row.get(key) or "").strip())
+            p = p if p.is_absolute() else base / p
+            if not str(row.get(key) or "").strip() or not p.exists():
+                raise MedcamError(f"{path}, line {n}: {key} {str(p)!r} does not exist.")
+            pair.append(p)
+        cases.append((pair[0], pair[1]))
+    return cases
+
+
+def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save) -> None:
+    import json
+
+    from medcam.calibrate import calibrate_scans
+    from medcam.runner import load_model, parse_target
+
+    def work():
+        cases = _read_cases(cases_csv)
+        chosen_target = parse_target(target)  # checked before the model loads
+        if save and not Path(save).resolve().parent.is_dir():
+            raise MedcamError(f"--save {save}: the folder {Path(save).parent} does not exist.")
+        spec = load_model(bundle=bundle, model=model_spec, weights=weights,
+                          preprocess=preprocess, device=device)  # fmt: skip
+        cal = calibrate_scans(spec.network, [c[0] for c in cases], [c[1] for c in cases],
+                              chosen_target, preprocess=spec.preprocess)  # fmt: skip
+        click.echo(f"{'pointing game':>13s} {'energy':>7s}  candidate")
+        for row in cal.table[:10]:
+            fused = f" ({row['fusion']})" if row["fusion"] else ""
+            click.echo(f"{row['pointing_game']:13.2f} {row['energy']:7.3f}  {row['method']} @ "
+                       f"{' + '.join(row['layers'])}{fused}  [{row['how']}]")  # fmt: skip
+        click.echo(f"\n{cal.describe()}")
+        if cal.chosen != cal.default:
+            click.echo(f"use: medcam explain ... {cal.chosen.flags()}")
+        if save:
+            tmp = Path(save).with_name(f".{Path(save).name}.tmp")
+            tmp.write_text(json.dumps(cal.record(), indent=2))
+            os.replace(tmp, save)
+            click.echo(f"saved {save}")
 
     _run(work)
 

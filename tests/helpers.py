@@ -72,3 +72,65 @@ def identity_segmenter():
     from tests.engine.test_sliding import IdentitySegmenter
 
     return IdentitySegmenter()
+
+
+def lure_model(dims: int = 3):
+    """A classifier whose deep layers point at a lure and whose first layer at the lesion.
+
+    Class-1 logit = mean over the input of ``relu(x - 0.5)``, pooled twice (1/2, 1/4) on the
+    way. A lure (a 6-voxel cube at 0.7) outweighs a one-voxel lesion (1.0) in every pooled
+    cell, so Grad-CAM at the 1/4 grid (the default) peaks on the lure; at ``stem`` the map is
+    ``relu(x - 0.5)`` times a constant gradient, which peaks on the lesion.
+    """
+    import torch
+    from torch import nn
+
+    class Lure(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            conv = nn.Conv3d if dims == 3 else nn.Conv2d
+            pool = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
+            self.stem, self.act = conv(1, 1, 1), nn.ReLU()
+            self.down1, self.mid = pool(2), conv(1, 1, 1)
+            self.down2, self.deep = pool(2), conv(1, 1, 1)
+            self.head = nn.Linear(1, 2)
+            with torch.no_grad():
+                for c in (self.stem, self.mid, self.deep):
+                    c.weight.fill_(1.0)
+                    c.bias.zero_()
+                self.stem.bias.fill_(-0.5)
+                self.head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+                self.head.bias.zero_()
+
+        def forward(self, x):
+            h = self.deep(self.down2(self.mid(self.down1(self.act(self.stem(x))))))
+            return self.head(h.flatten(2).mean(2))
+
+    return Lure()
+
+
+def lure_cases(n: int, dims: int = 3, size: int = 16, seed: int = 0):
+    """``(x (n, 1, *S), masks (n, *S))`` for :func:`lure_model`: a lure cube and a one-voxel
+    lesion outside it; the masks mark the lesion."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, *(size,) * dims)
+    masks = torch.zeros(n, *(size,) * dims, dtype=torch.bool)
+    for i in range(n):
+        a = int(torch.randint(0, size - 6, (1,), generator=g))
+        x[(i, 0, *(slice(a, a + 6),) * dims)] = 0.7
+        while True:
+            c = tuple(int(v) for v in torch.randint(1, size - 1, (dims,), generator=g))
+            if not all(a - 1 <= v <= a + 6 for v in c):  # not on or next to the lure
+                break
+        x[(i, 0, *c)] = 1.0
+        masks[(i, *c)] = True
+    return x, masks
+
+
+def lure_preprocess():
+    """Factory for ``--preprocess``: reorient to LPS and pad to 20^3 (geometry to undo)."""
+    from monai.transforms import Compose, Orientation, SpatialPad
+
+    return Compose([Orientation("LPS", labels=None), SpatialPad((20, 20, 20))])

@@ -1,0 +1,451 @@
+"""Choose the layers and method from a few labelled cases, when the default does not localise.
+
+``layers="auto"`` is a shape-only rule chosen on ``benchmarks/bench_quality.py``; on models it
+was not tuned on it can point away from the evidence (see docs/engine.md, "Choosing a layer").
+With labelled cases (inputs and masks of the evidence, e.g. lesion segmentations) you can
+measure instead of trusting it:
+
+- :func:`calibrate_layers`: model-space inputs ``(N, C, *S)`` and masks ``(N, *S)``;
+- :func:`calibrate_scans`: scans and masks on the scans' grids, through the model's
+  preprocessing; every candidate map is put back on the scan grid before it is scored.
+
+Every candidate is explained for every case: each target layer alone, the shape rules of
+:func:`medcam.engine.auto.auto_choice` (the default among them), each with every method in
+``methods``. A candidate's score is its strict pointing game (ties: energy pointing game) over
+the cases; the best candidate wins, the default on a tie. Because the winner is chosen on the
+same cases it is scored on, its score is optimistic: with four or more cases, leave-one-out
+(choose on all cases but one, score the one left out, for each case) estimates how well
+choosing this way carries to new cases, and the best candidate replaces the default only when
+that estimate beats the default's pointing game.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from medcam import evaluate as ev
+from medcam.engine.auto import auto_choice, auto_method
+from medcam.engine.core import Explainer
+from medcam.engine.layers import model_device, trace_layers
+from medcam.engine.postprocess import fuse_maps, upsample
+from medcam.errors import InputError, LayerError, MedcamError, TargetError
+
+__all__ = ["Calibration", "Candidate", "calibrate_layers", "calibrate_scans"]
+
+METHODS = ("gradcam", "hirescam", "layercam")
+_RULES: dict[str, dict[str, Any]] = {
+    "the deepest layer": {"min_fraction": 0, "fusion": None},
+    **{
+        f"the deepest layer with a grid >= 1/{d} of the input": {
+            "min_fraction": Fraction(1, d),
+            "fusion": None,
+        }
+        for d in (2, 4, 8)
+    },
+    **{
+        f"chain product back to 1/{d} of the input": {"min_fraction": Fraction(1, d)}
+        for d in (2, 4, 8)
+    },
+}
+_CHUNK = 16  # candidate maps put back on a scan grid at a time
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to explain: ``layers`` fused with ``fusion`` (``None``: one layer), by ``method``.
+
+    ``how`` says where it comes from: ``"default"``, ``"rule: <rule>"`` or ``"layer"``.
+    """
+
+    layers: tuple[str, ...]
+    method: str
+    fusion: str | None
+    how: str
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`medcam.Explainer` / :func:`medcam.explain_scan`."""
+        return {"layers": list(self.layers), "method": self.method, "fusion": self.fusion}
+
+    def flags(self) -> str:
+        """The same as ``medcam explain`` options."""
+        out = " ".join(f"--layer {name}" for name in self.layers) + f" --method {self.method}"
+        return out + (f" --fusion {self.fusion}" if self.fusion else "")
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate_layers` / :func:`calibrate_scans` found.
+
+    Attributes
+    ----------
+    chosen:
+        What to use: ``best``, or ``default`` when ``best`` did not carry over.
+    best, default:
+        The best candidate on the cases and what ``layers="auto"``, ``method="auto"`` use.
+    n_cases:
+        Number of labelled cases.
+    pointing_game, energy:
+        ``{"best": float, "default": float}``: mean strict / energy pointing game over all
+        cases (the best one's is optimistic: it was chosen on these cases).
+    cross_validated:
+        ``{"best": float, "default": float}`` with four or more cases: leave-one-out, the
+        pointing game on each case of the best candidate on the other cases (``"default"``
+        needs no choice: its pointing game); ``None`` with fewer cases.
+    table:
+        Every candidate, best first: ``{"layers", "method", "fusion", "how", "pointing_game",
+        "energy"}``.
+    """
+
+    chosen: Candidate
+    best: Candidate
+    default: Candidate
+    n_cases: int
+    pointing_game: dict[str, float]
+    energy: dict[str, float]
+    cross_validated: dict[str, float] | None
+    table: list[dict[str, Any]] = field(repr=False)
+
+    def settings(self) -> dict[str, Any]:
+        """The chosen candidate as :class:`medcam.Explainer` keyword arguments."""
+        return self.chosen.settings()
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready summary (what ``medcam layers --calibrate --save`` writes)."""
+        return {
+            **self.chosen.settings(),
+            "chosen_by": self.describe(),
+            "n_cases": self.n_cases,
+            "pointing_game": self.pointing_game,
+            "energy_pointing_game": self.energy,
+            "cross_validated_pointing_game": self.cross_validated,
+            "default": self.default.settings(),
+            "table": self.table,
+        }
+
+    def describe(self) -> str:
+        """One line: what was chosen and on what evidence."""
+        pg, cv, best = self.pointing_game, self.cross_validated, self.best
+        head = f"calibrated on {self.n_cases} labelled cases: "
+        name = f"{best.method} @ {' + '.join(best.layers)}"
+        left_out = f"{cv['best']:.2f} on cases left out of the choice" if cv else ""
+        tail = "" if cv else "; fewer than 4 cases, so no leave-one-out estimate"
+        if self.chosen != self.default:
+            est = f", {left_out}" if cv else ""
+            return (f"{head}{name}: pointing game {pg['best']:.2f} on these cases{est} "
+                    f"(default {pg['default']:.2f}){tail}")  # fmt: skip
+        if best != self.default:
+            return (f"{head}kept the default (pointing game {pg['default']:.2f}): the best "
+                    f"on these cases, {name} ({pg['best']:.2f}), scored {left_out}")  # fmt: skip
+        return (
+            f"{head}kept the default (pointing game {pg['default']:.2f}): no candidate did "
+            f"better{tail}"
+        )
+
+
+# ------------------------------------------------------------------------------ candidates
+def _candidates(infos, spatial, out_shape, methods: Sequence[str]) -> list[Candidate]:
+    default = auto_choice(infos, spatial, out_shape)
+    default_method = auto_method(out_shape)[0]
+    found: dict[tuple, Candidate] = {}
+
+    def add(layers, fusion, method, how):
+        key = (tuple(layers), fusion if len(layers) > 1 else None, method)
+        found.setdefault(key, Candidate(key[0], method, key[1], how))
+
+    add(default.layers, default.fusion, default_method, "default")
+    for method in methods:
+        add(default.layers, default.fusion, method, f"rule: {default.rule}")
+        for rule, how in _RULES.items():
+            try:
+                ch = auto_choice(infos, spatial, out_shape, **how)
+            except LayerError:
+                continue
+            add(ch.layers, ch.fusion, method, f"rule: {rule}")
+        for info in infos:
+            if info.is_candidate and info.output_shape != out_shape:
+                add([info.name], None, method, "layer")
+    return list(found.values())
+
+
+def _maps(raw: dict[str, dict[str, torch.Tensor]], cands, spatial) -> torch.Tensor:
+    """``(B, len(cands), *spatial)`` maps of the candidates from the per-method raw maps."""
+    out = []
+    for c in cands:
+        maps = [upsample(raw[c.method][name][:, :1].float(), spatial) for name in c.layers]
+        out.append(maps[0] if c.fusion is None else fuse_maps(maps, c.fusion))
+    return torch.cat(out, dim=1)
+
+
+def _score(
+    cases: Iterable[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]],
+    explainers: dict[str, Explainer],
+    target: Any,
+    cands: list[Candidate],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strict and energy pointing game ``(len(cands), N)`` over ``cases``: ``(x (B, C, *S),
+    masks (B, *M), place)``, ``place`` putting ``(B, k, *S)`` maps on the masks' grid."""
+    pg, energy = [], []
+    for x, masks, place in cases:
+        raw = {}
+        for method, explainer in explainers.items():
+            result = explainer(x, target, upsample_to_input=False)
+            if result.classes.shape[1] != 1:
+                raise TargetError(
+                    f"Calibration scores one map per case, but the target gives "
+                    f"{result.classes.shape[1]}; give one class (e.g. target=1)."
+                )
+            raw[method] = {name: m.detach() for name, m in result.raw.items()}
+        spatial = tuple(x.shape[2:])
+        case_pg = torch.empty(len(cands), len(x))
+        case_en = torch.empty(len(cands), len(x))
+        for start in range(0, len(cands), _CHUNK):
+            chunk = cands[start : start + _CHUNK]
+            maps = place(_maps(raw, chunk, spatial)).cpu()
+            rank = maps.ndim - 2
+            for j in range(len(chunk)):
+                heat, row = maps[:, j], start + j
+                kw = {"spatial_rank": rank, "reduce": False}
+                case_pg[row] = torch.tensor(ev.pointing_game(heat, masks, **kw))
+                case_en[row] = torch.tensor(ev.energy_pointing_game(heat, masks, **kw))
+        pg.append(case_pg)
+        energy.append(case_en)
+    return torch.cat(pg, dim=1), torch.cat(energy, dim=1)
+
+
+def _best(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -> int:
+    """Index of the best candidate on ``cases``: pointing game, then the default, then energy."""
+    idx = torch.as_tensor(list(cases))
+    mean_pg = pg[:, idx].mean(dim=1).tolist()
+    mean_en = energy[:, idx].mean(dim=1).tolist()
+    return max(
+        range(len(cands)),
+        key=lambda i: (round(mean_pg[i], 9), cands[i].how == "default", mean_en[i]),
+    )
+
+
+def _calibration(pg, energy, cands) -> Calibration:
+    n = pg.shape[1]
+    all_cases = range(n)
+    chosen = _best(pg, energy, all_cases, cands)
+    default = next(i for i, c in enumerate(cands) if c.how == "default")
+    cv = None
+    if n >= 4:  # leave one out: choose on the other cases, score on the one left out
+        hits = [float(pg[_best(pg, energy, [j for j in all_cases if j != i], cands), i])
+                for i in all_cases]  # fmt: skip
+        cv = {"best": float(sum(hits) / n), "default": float(pg[default].mean())}
+    best = chosen
+    if cv is not None and cv["best"] <= cv["default"]:
+        chosen = default  # the winner on these cases does not carry over better than the default
+    order = sorted(
+        range(len(cands)),
+        key=lambda i: (-round(float(pg[i].mean()), 9), cands[i].how != "default",
+                       -float(energy[i].mean())),
+    )  # fmt: skip
+    table = [
+        {**cands[i].settings(), "how": cands[i].how,
+         "pointing_game": float(pg[i].mean()), "energy": float(energy[i].mean())}
+        for i in order
+    ]  # fmt: skip
+    return Calibration(
+        chosen=cands[chosen],
+        best=cands[best],
+        default=cands[default],
+        n_cases=n,
+        pointing_game={"best": float(pg[best].mean()), "default": float(pg[default].mean())},
+        energy={"best": float(energy[best].mean()), "default": float(energy[default].mean())},
+        cross_validated=cv,
+        table=table,
+    )
+
+
+def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
+    for mask, name in zip(masks, what, strict=True):
+        if not bool(mask.any()):
+            raise InputError(
+                f"The mask of {name} is empty. Calibration needs the evidence (e.g. the lesion) "
+                "drawn in every case; leave out cases without it."
+            )
+
+
+def _trace(model, x):
+    infos, out = trace_layers(model, x)
+    if not isinstance(out, torch.Tensor):
+        raise MedcamError(
+            "Calibration needs a model whose output is one tensor of logits; wrap the model so "
+            "that it returns the logits."
+        )
+    return infos, tuple(out.shape)
+
+
+# ------------------------------------------------------------------------------------- API
+def calibrate_layers(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    target: Any = "pred",
+    *,
+    methods: Sequence[str] = METHODS,
+    batch_size: int = 8,
+) -> Calibration:
+    """Choose layers and method by the pointing game on labelled model-space cases.
+
+    Parameters
+    ----------
+    model:
+        The network (eager ``nn.Module``, on the device it should run on; never modified).
+    x:
+        ``(N, C, *S)`` model inputs, 2D or 3D, already preprocessed.
+    masks:
+        ``(N, *S)`` the evidence in each input (nonzero = evidence), on the inputs' grid.
+    target:
+        As in :func:`medcam.explain`, one map per case (``"pred"``, a class index, a
+        :class:`medcam.SegmentationTarget`).
+    methods:
+        Gradient methods tried at every candidate.
+    batch_size:
+        Cases per forward / backward pass.
+
+    Returns
+    -------
+    Calibration
+        Use ``medcam.explain(model, x, **calibration.settings())``.
+
+    Raises
+    ------
+    InputError
+        Inputs and masks that do not match, or an empty mask (before the model runs).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        raise InputError("x must be a (N, C, H, W) or (N, C, D, H, W) tensor of model inputs.")
+    masks = torch.as_tensor(masks)
+    if tuple(masks.shape) != (x.shape[0], *x.shape[2:]):
+        raise InputError(
+            f"masks must be (N, *spatial) = {(x.shape[0], *x.shape[2:])} to match x "
+            f"{tuple(x.shape)}, not {tuple(masks.shape)}; draw each mask on its input's grid."
+        )
+    masks = masks.bool().cpu()
+    _check_masks(list(masks), [f"case {i}" for i in range(len(masks))])
+    device = model_device(model, x)
+    infos, out_shape = _trace(model, x[:1].to(device))
+    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods)
+    explainers = {m: Explainer(model, sorted({n for c in cands for n in c.layers}), m)
+                  for m in methods}  # fmt: skip
+
+    def cases():
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size], masks[i : i + batch_size], lambda maps: maps
+
+    pg, energy = _score(cases(), explainers, target, cands)
+    return _calibration(pg, energy, cands)
+
+
+def calibrate_scans(
+    model: torch.nn.Module,
+    scans: Sequence[Any],
+    masks: Sequence[Any],
+    target: Any = "pred",
+    *,
+    preprocess: Any = None,
+    methods: Sequence[str] = METHODS,
+    expect: Any = None,
+) -> Calibration:
+    """Choose layers and method by the pointing game on labelled scans.
+
+    Each scan goes through ``preprocess`` to the model, every candidate map is put back on the
+    scan's grid (as :func:`medcam.explain_scan` does) and scored against the mask there.
+
+    Parameters
+    ----------
+    model:
+        The network (eager ``nn.Module``; never modified).
+    scans:
+        :class:`medcam.Scan` objects or anything :func:`medcam.load_scan` reads.
+    masks:
+        One per scan, on that scan's grid: a :class:`medcam.Scan` / path of a label image
+        (nonzero = evidence) or an array ``(*scan_spatial)``.
+    target, methods:
+        As in :func:`calibrate_layers`.
+    preprocess, expect:
+        As in :func:`medcam.explain_scan`. The whole preprocessed input is explained in one
+        forward pass (no sliding windows).
+
+    Returns
+    -------
+    Calibration
+    """
+    from medcam.io import Scan, load_scan
+    from medcam.space import invert_to_source, preprocess_scan
+
+    if len(scans) != len(masks) or not scans:
+        raise InputError(f"Give one mask per scan ({len(scans)} scans, {len(masks)} masks).")
+    loaded, grids = [], []
+    for i, (scan, mask) in enumerate(zip(scans, masks, strict=True)):
+        scan = scan if isinstance(scan, Scan) else load_scan(scan)
+        grid = _mask_on_grid(mask, scan, i)
+        loaded.append(scan)
+        grids.append(grid)
+    _check_masks(grids, [f"scan {i} ({s.source or 'tensor'})" for i, s in enumerate(loaded)])
+    device = model_device(model, loaded[0].image)
+    inputs = [preprocess_scan(s, preprocess, device, expect) for s in loaded]
+    first = torch.as_tensor(_plain(inputs[0]))[None]
+    infos, out_shape = _trace(model, first)
+    shapes = {tuple(i.shape[1:]) for i in inputs}
+    if len(shapes) > 1:
+        raise InputError(
+            f"The preprocessing gives inputs of different sizes {sorted(shapes)}; layers are "
+            "chosen for one input size, so make the preprocessing give one (e.g. "
+            "ResizeWithPadOrCrop)."
+        )
+    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods)
+    explainers = {m: Explainer(model, sorted({n for c in cands for n in c.layers}), m)
+                  for m in methods}  # fmt: skip
+
+    def cases() -> Iterator:
+        for scan, model_input, grid in zip(loaded, inputs, grids, strict=True):
+
+            def place(maps, scan=scan, model_input=model_input):
+                return invert_to_source(maps[0], model_input, preprocess, scan)[None]
+
+            yield torch.as_tensor(_plain(model_input))[None], grid[None], place
+
+    pg, energy = _score(cases(), explainers, target, cands)
+    return _calibration(pg, energy, cands)
+
+
+def _plain(t):
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def _mask_on_grid(mask: Any, scan: Any, i: int) -> torch.Tensor:
+    """A boolean ``(*scan_spatial)`` mask, checked against the scan's grid."""
+    import numpy as np
+
+    from medcam.io import Scan, load_scan
+
+    if isinstance(mask, (torch.Tensor, np.ndarray)):
+        m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
+        if tuple(m.shape) != tuple(scan.spatial_shape):
+            raise InputError(
+                f"Mask {i} has shape {tuple(m.shape)}, scan {i} {tuple(scan.spatial_shape)}; "
+                "draw the mask on the scan's grid."
+            )
+        return m.bool().cpu()
+    label = mask if isinstance(mask, Scan) else load_scan(mask)
+    if tuple(label.spatial_shape) != tuple(scan.spatial_shape) or not np.allclose(
+        label.affine_ras, scan.affine_ras, atol=1e-3
+    ):
+        raise InputError(
+            f"Mask {i} ({label.source}) is not on the grid of scan {i} ({scan.source}): shape "
+            f"{tuple(label.spatial_shape)} vs {tuple(scan.spatial_shape)}, or a different "
+            "voxel-to-world affine. Resample the mask onto the scan (nearest neighbour), e.g. "
+            "with 3D Slicer's 'Resample Scalar/Vector/DWI Volume' or SimpleITK."
+        )
+    if label.image.shape[0] != 1:
+        raise InputError(f"Mask {i} ({label.source}) has {label.image.shape[0]} channels; give "
+                         "a single-channel label image.")  # fmt: skip
+    return (label.image[0] != 0).cpu()

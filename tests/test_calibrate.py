@@ -1,0 +1,189 @@
+"""Choosing layers from labelled cases: a known answer, the engine's own maps, the scan grid,
+the cross-validation guard, and refusals before the model runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import medcam
+from medcam import evaluate as ev
+from medcam.calibrate import Candidate, _calibration
+from medcam.cli import main
+from medcam.errors import InputError, TargetError
+from tests.helpers import exploding_model, lure_cases, lure_model, lure_preprocess
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_known_answer_the_first_layer_finds_the_lesion_the_default_the_lure(dims):
+    model = lure_model(dims)
+    x, masks = lure_cases(8, dims=dims)
+    default = medcam.explain(model, x, 1).heatmap[:, 0]
+    assert ev.pointing_game(default, masks, spatial_rank=dims) == 0.0  # the lure wins there
+
+    cal = medcam.calibrate_layers(model, x, masks, 1)
+    assert cal.chosen.layers in (("stem",), ("act",))  # relu(x - 0.5): the lesion is the peak
+    assert cal.chosen != cal.default and cal.n_cases == 8
+    heat = medcam.explain(model, x, 1, **cal.settings()).heatmap[:, 0]
+    assert ev.pointing_game(heat, masks, spatial_rank=dims) == 1.0
+    assert cal.best == cal.chosen and cal.pointing_game == {"best": 1.0, "default": 0.0}
+    assert cal.cross_validated == {"best": 1.0, "default": 0.0}
+    assert cal.describe().startswith(f"calibrated on 8 labelled cases: {cal.chosen.method} @ ")
+    assert cal.chosen.flags().startswith(f"--layer {cal.chosen.layers[0]} --method ")
+
+
+def test_every_row_of_the_table_is_what_explain_gives():
+    """The calibration assembles candidate maps from one pass per method; each must equal what
+    medcam.explain computes with the candidate's settings (fusions included)."""
+    model = lure_model(3)
+    x, masks = lure_cases(6, seed=3)
+    cal = medcam.calibrate_layers(model, x, masks, 1, methods=("gradcam", "layercam"))
+    assert any(row["fusion"] for row in cal.table)  # the rules' chains are in the table
+    assert {row["how"] for row in cal.table} >= {"default", "layer"}
+    for row in cal.table:
+        settings = {k: row[k] for k in ("layers", "method", "fusion")}
+        heat = medcam.explain(model, x, 1, **settings).heatmap[:, 0]
+        assert ev.pointing_game(heat, masks) == pytest.approx(row["pointing_game"]), row
+        assert ev.energy_pointing_game(heat, masks) == pytest.approx(row["energy"], rel=1e-4)
+
+
+def _candidates():
+    return [Candidate(("deep",), "gradcam", None, "default"),
+            Candidate(("stem",), "hirescam", None, "layer")]  # fmt: skip
+
+
+def test_the_default_is_kept_when_the_winner_does_not_carry_over():
+    # the other candidate wins on all 8 cases (0.625 vs 0.5), but leaving out any even case
+    # ties them (the default is kept, missing it), leaving out case 1, 3 or 5 picks the other
+    # (missing it): leave-one-out 1/8 vs 0.5
+    default = [0, 1, 0, 1, 0, 1, 0, 1]
+    other = [1, 0, 1, 0, 1, 0, 1, 1]
+    pg = torch.tensor([default, other], dtype=torch.float32)
+    cal = _calibration(pg, torch.zeros_like(pg), _candidates())
+    assert cal.best.layers == ("stem",) and cal.chosen == cal.default
+    assert cal.cross_validated == {"best": 0.125, "default": 0.5}
+    assert "kept the default" in cal.describe()
+    # when the winner carries over it is chosen: every left-out choice picks it, 7 of 8 hits
+    default = [0, 1, 0, 0, 0, 1, 0, 0]
+    other = [1, 1, 1, 1, 1, 0, 1, 1]
+    pg = torch.tensor([default, other], dtype=torch.float32)
+    cal = _calibration(pg, torch.zeros_like(pg), _candidates())
+    assert cal.chosen.layers == ("stem",)
+    assert cal.cross_validated == {"best": 0.875, "default": 0.25}
+    # a tie goes to the default; with fewer than 4 cases there is no cross-validation
+    pg = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.float32)
+    cal = _calibration(pg, torch.tensor([[0.1] * 3, [0.9] * 3]), _candidates())
+    assert cal.chosen == cal.default and cal.cross_validated is None
+    assert "no leave-one-out estimate" in cal.describe()
+
+
+def test_refusals_come_before_the_model_runs():
+    model = exploding_model()  # its forward raises: any refusal below must come first
+    x = torch.zeros(2, 1, 8, 8, 8)
+    with pytest.raises(InputError, match="masks must be"):
+        medcam.calibrate_layers(model, x, torch.ones(2, 8, 8, 4))
+    empty = torch.ones(2, 8, 8, 8, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(InputError, match="case 1 is empty"):
+        medcam.calibrate_layers(model, x, empty)
+    with pytest.raises(InputError, match="one mask per scan"):
+        medcam.calibrate_scans(model, [x[0]], [])
+
+
+def test_one_map_per_case_nothing_modified_no_hooks_left():
+    model = lure_model(3).train()
+    x, masks = lure_cases(4)
+    x0, m0 = x.clone(), masks.clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TargetError, match="one map per case"):
+        medcam.calibrate_layers(model, x, masks, "all")
+    medcam.calibrate_layers(model, x, masks, 1)
+    assert torch.equal(x, x0) and torch.equal(masks, m0) and model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+
+
+def _write_cases(folder, n, seed=0):
+    """Lure cases as NIfTI scans (2 mm voxels) with lesion masks on the same grid."""
+    x, masks = lure_cases(n, seed=seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-16.0, -20.0, 10.0]
+    rows = []
+    for i in range(n):
+        scan, mask = folder / f"scan{i}.nii.gz", folder / f"mask{i}.nii.gz"
+        nib.save(nib.Nifti1Image(x[i, 0].numpy(), affine), scan)
+        nib.save(nib.Nifti1Image(masks[i].numpy().astype(np.uint8), affine), mask)
+        rows.append((scan, mask))
+    return rows
+
+
+def test_scans_are_scored_on_their_own_grid(tmp_path):
+    """Through a preprocessing that reorients and pads: every candidate map is put back on the
+    scan grid and scored against the mask there, as explain_scan would put it."""
+    model, pre = lure_model(3), lure_preprocess()
+    rows = _write_cases(tmp_path, 5)
+    cal = medcam.calibrate_scans(model, [r[0] for r in rows], [r[1] for r in rows], 1,
+                                 preprocess=pre)  # fmt: skip
+    assert cal.chosen.layers in (("stem",), ("act",)) and cal.n_cases == 5
+    for settings, expected in ((cal.settings(), 1.0), (cal.default.settings(), 0.0)):
+        hits = []
+        for scan, mask in rows:
+            ex = medcam.explain_scan(model, scan, preprocess=pre, target=1, **settings)
+            on_grid = medcam.load_scan(mask).image[0] > 0
+            hits.append(ev.pointing_game(ex.heatmap[0], on_grid))
+        assert np.mean(hits) == expected
+    # a mask on another grid is refused before the model runs
+    shifted = tmp_path / "shifted.nii.gz"
+    img = nib.load(rows[0][1])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine + np.eye(4) * 0.5), shifted)
+    with pytest.raises(InputError, match="not on the grid of scan 0"):
+        medcam.calibrate_scans(exploding_model(), [rows[0][0]], [shifted])
+
+
+def test_cli_calibrate_then_explain_with_the_printed_flags(tmp_path):
+    rows = _write_cases(tmp_path, 4, seed=1)
+    cases = tmp_path / "cases.csv"
+    with open(cases, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scan", "mask"])
+        w.writerows([(s.name, m.name) for s, m in rows])  # relative to the CSV
+    model = ["--model", "tests.helpers:lure_model", "--preprocess", "tests.helpers:lure_preprocess"]
+    saved = tmp_path / "calibration.json"
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases), "--target",
+                                       "1", "--save", str(saved)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 4 labelled cases: " in result.output
+    assert "pointing game 1.00 on these cases, 1.00 on cases left out" in result.output
+    use = next(line for line in result.output.splitlines() if line.startswith("use: "))
+    record = json.loads(saved.read_text())
+    assert record["layers"] in (["stem"], ["act"]) and record["n_cases"] == 4
+    assert record["default"]["layers"] == ["deep"] and len(record["table"]) > 10
+    # the printed flags work, and the written map points at the lesion
+    flags = use.split("medcam explain ... ")[1].split()
+    out = tmp_path / "out"
+    run = CliRunner().invoke(main, ["explain", str(rows[0][0]), "--out", str(out), *model,
+                                    "--target", "1", *flags])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    (nifti,) = out.rglob("*.nii.gz")
+    heat = np.asarray(nib.load(nifti).dataobj).squeeze()
+    assert ev.pointing_game(heat, np.asarray(nib.load(rows[0][1]).dataobj) > 0) == 1.0
+
+
+def test_cli_calibrate_refuses_a_bad_case_list(tmp_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("scan,label\na.nii.gz,b.nii.gz\n")
+    model = ["--model", "tests.helpers:exploding_model"]
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
+    assert result.exit_code == 2 and "columns scan, mask" in result.output
+    cases.write_text("scan,mask\nmissing.nii.gz,b.nii.gz\n")
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
+    assert result.exit_code == 2 and "line 2: scan" in result.output
+    result = CliRunner().invoke(main, ["layers", *model, "--save", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "--save goes with --calibrate" in result.output

@@ -6,7 +6,7 @@ invert to original space -> write (NIfTI, DICOM, figures) -> longitudinal compar
 
 __version__ = "0.1.0"
 
-from medcam.calibrate import Calibration, calibrate_layers, calibrate_scans
+from medcam.calibrate import Calibration, calibrate_layers, calibrate_scans, load_calibration
 from medcam.engine import (
     METHODS,
     AllClasses,
@@ -60,6 +60,7 @@ __all__ = [
     "explain",
     "explain_scan",
     "list_layers",
+    "load_calibration",
     "load_scan",
     "register_method",
     "write_outputs",

@@ -449,6 +449,11 @@ class CAMHandler:
     layers, method, target, normalize, fusion:
         As in :func:`medcam.explain`; ``target`` may be an int, ``"pred"`` (for segmentation
         networks: the predicted foreground), ``"all"``, ``"seg:1"``.
+    calibration:
+        A file saved by ``medcam layers --calibrate ... --save``: its layers, method and fusion
+        replace ``layers`` / ``method`` / ``fusion`` (which must then be left at their
+        defaults), and its reason is recorded as ``layers_chosen_by``. Relative paths are
+        taken from ``bundle_root``.
     formats:
         Output formats (see :func:`medcam.write_outputs`); DICOM formats need DICOM inputs.
     image_key:
@@ -496,6 +501,7 @@ class CAMHandler:
         on_error: str = "raise",
         bundle_root: str | Path | None = None,
         trusted: str | Sequence[str | Path] | None = None,
+        calibration: str | Path | None = None,
     ) -> None:
         from medcam.runner import parse_target
         from medcam.writers.registry import check_formats
@@ -517,6 +523,19 @@ class CAMHandler:
         self.image_key = image_key
         self.normalize = normalize
         self.fusion = fusion
+        self.chosen_by: str | None = None
+        if calibration is not None:
+            from medcam.calibrate import load_calibration
+
+            if layers != "auto" or method != "auto" or fusion is not None:
+                raise MedcamError("Give calibration or layers / method / fusion, not both: the "
+                                  "calibration names the layers, method and fusion.")  # fmt: skip
+            path = Path(calibration)
+            if not path.is_absolute() and bundle_root is not None:
+                path = Path(bundle_root) / path
+            c = load_calibration(path)
+            self.layers, self.method, self.fusion = c["layers"], c["method"], c["fusion"]
+            self.chosen_by = c["chosen_by"]
         self.forward_kwargs = forward_kwargs
         self.extra_keys = list(extra_keys)
         self.inferer = inferer
@@ -639,7 +658,8 @@ class CAMHandler:
         if preprocess is not None and not isinstance(preprocess, DictPreprocess):
             preprocess = DictPreprocess(preprocess, self.image_key)
         if self._explainer is None or self._explainer.model is not network:
-            self._explainer = Explainer(network, self.layers, self.method, fusion=self.fusion)
+            self._explainer = Explainer(network, self.layers, self.method, fusion=self.fusion,
+                                        chosen_by=self.chosen_by)  # fmt: skip
         window = self._window(engine)
         for image, pred, extra in self._samples(engine):
             source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None

@@ -35,7 +35,7 @@ from medcam.engine.layers import model_device, trace_layers
 from medcam.engine.postprocess import fuse_maps, upsample
 from medcam.errors import InputError, LayerError, MedcamError, TargetError
 
-__all__ = ["Calibration", "Candidate", "calibrate_layers", "calibrate_scans"]
+__all__ = ["Calibration", "Candidate", "calibrate_layers", "calibrate_scans", "load_calibration"]
 
 METHODS = ("gradcam", "hirescam", "layercam")
 _RULES: dict[str, dict[str, Any]] = {
@@ -111,14 +111,15 @@ class Calibration:
     table: list[dict[str, Any]] = field(repr=False)
 
     def settings(self) -> dict[str, Any]:
-        """The chosen candidate as :class:`medcam.Explainer` keyword arguments."""
-        return self.chosen.settings()
+        """The chosen candidate as :class:`medcam.Explainer` keyword arguments, with
+        ``chosen_by="calibrated: <describe()>"`` (what the results' metadata records)."""
+        return {**self.chosen.settings(), "chosen_by": f"calibrated: {self.describe()}"}
 
     def record(self) -> dict[str, Any]:
-        """JSON-ready summary (what ``medcam layers --calibrate --save`` writes)."""
+        """JSON-ready summary (what ``medcam layers --calibrate --save`` writes; read back by
+        :func:`load_calibration`)."""
         return {
-            **self.chosen.settings(),
-            "chosen_by": self.describe(),
+            **self.settings(),
             "n_cases": self.n_cases,
             "pointing_game": self.pointing_game,
             "energy_pointing_game": self.energy,
@@ -449,3 +450,41 @@ def _mask_on_grid(mask: Any, scan: Any, i: int) -> torch.Tensor:
         raise InputError(f"Mask {i} ({label.source}) has {label.image.shape[0]} channels; give "
                          "a single-channel label image.")  # fmt: skip
     return (label.image[0] != 0).cpu()
+
+
+def load_calibration(path: str | Any) -> dict[str, Any]:
+    """Read a calibration saved by ``medcam layers --calibrate --save`` (or
+    :meth:`Calibration.record`) as :class:`medcam.Explainer` keyword arguments ``{"layers",
+    "method", "fusion", "chosen_by"}``.
+
+    Raises
+    ------
+    InputError
+        A file that is not such a calibration (missing or malformed keys), naming what is wrong.
+    """
+    import json
+    from pathlib import Path
+
+    from medcam.engine.methods import METHODS as KNOWN
+
+    p = Path(path)
+    try:
+        record = json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"Cannot read the calibration {p}: {err}.") from err
+    layers = record.get("layers") if isinstance(record, dict) else None
+    names_ok = isinstance(layers, list) and all(isinstance(n, str) and n for n in layers)
+    if not layers or not names_ok:
+        raise InputError(
+            f"{p} is not a medcam calibration: it needs 'layers', a list of layer names "
+            "(write one with medcam layers --calibrate ... --save)."
+        )
+    method, fusion = record.get("method"), record.get("fusion")
+    if method not in KNOWN:
+        raise InputError(f"{p}: unknown method {method!r}; one of {', '.join(KNOWN)}.")
+    if fusion not in (None, "mean", "product") or (fusion is None and len(layers) > 1):
+        raise InputError(f"{p}: fusion must be 'mean' or 'product' for several layers, not "
+                         f"{fusion!r}.")  # fmt: skip
+    why = record.get("chosen_by")
+    why = why if isinstance(why, str) and why else f"calibration {p.name}"
+    return {"layers": layers, "method": method, "fusion": fusion, "chosen_by": why}

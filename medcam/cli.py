@@ -27,6 +27,13 @@ def _model_options(f):
     return f
 
 
+def _calibration_option(f):
+    return click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+                        help="Layers, method and fusion from `medcam layers --calibrate ... "
+                        "--save FILE` (recorded as layers_chosen_by in every result); instead "
+                        "of --layer / --method / --fusion.")(f)  # fmt: skip
+
+
 def _window_options(f):
     f = click.option("--overlap", type=float, default=None,
                      help="Sliding-window overlap (default: the bundle's, else 0.25).",
@@ -199,12 +206,13 @@ def _pacs_options(f):
     is_flag=True,
     help="Name outputs after the input (may expose identifiers); default: a hash.",
 )
+@_calibration_option
 @_window_options
 @_run_options
 @_pacs_options
 def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers, method, target,
-            formats, normalize, fusion, name_from_input, roi_size, sw_batch_size, overlap,
-            prefetch, quiet, study, series_uids, modalities, series_description, store,
+            formats, normalize, fusion, name_from_input, calibration, roi_size, sw_batch_size,
+            overlap, prefetch, quiet, study, series_uids, modalities, series_description, store,
             store_to, ae_title, retrieve, move_port) -> None:  # fmt: skip
     """Explain INPUT... (a scan file, a DICOM series folder, or a folder of cases), or a study
     on a DICOM server: dicomweb+http(s)://host:port/dicom-web or dimse://AET@host:port with
@@ -213,13 +221,15 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
     from medcam.runner import explain_inputs, load_model, parse_target, parse_window
 
     def work():
+        layers_, method_, fusion_, chosen_by = _calibrated(calibration, layers, method, fusion)
         remote = [i for i in inputs if is_remote(i)]
         if remote:
             _explain_remote(inputs, out, dict(
                 bundle=bundle, model=model_spec, weights=weights, preprocess=preprocess,
-                device=device), layers, method, target, formats, normalize, fusion,
+                device=device), layers_, method_, target, formats, normalize, fusion_,
                 parse_window(roi_size, sw_batch_size, overlap), study, series_uids, modalities,
-                series_description, store, store_to, ae_title, retrieve, move_port)  # fmt: skip
+                series_description, store, store_to, ae_title, retrieve, move_port,
+                chosen_by)  # fmt: skip
             return
         if study or series_uids or modalities or series_description or store or store_to:
             raise MedcamError("--study, --series, --modality, --series-description, --store and "
@@ -229,14 +239,14 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
             raise MedcamError("Give the output folder: --out DIR.")
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
-        layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        layer_arg = list(layers_) if list(layers_) != ["auto"] else "auto"
         fmt = formats or "nifti,png,json"
         progress = _Progress(quiet, desc="cases", unit="case")
         with progress.reporting():
-            explain_inputs(spec, inputs, out, layers=layer_arg, method=method,
+            explain_inputs(spec, inputs, out, layers=layer_arg, method=method_,
                            target=parse_target(target),
                            formats=[f.strip() for f in fmt.split(",")], normalize=normalize,
-                           fusion=fusion, name_from_input=name_from_input,
+                           fusion=fusion_, name_from_input=name_from_input, chosen_by=chosen_by,
                            window=parse_window(roi_size, sw_batch_size, overlap),
                            progress=progress, log=progress.log, prefetch=prefetch)  # fmt: skip
 
@@ -260,19 +270,32 @@ def _pacs_formats(formats: str | None, storing: bool, out) -> list[str]:
     return chosen
 
 
-def _settings(layers, method, target, formats, normalize, fusion, window):
+def _settings(layers, method, target, formats, normalize, fusion, window, chosen_by=None):
     from medcam.pipeline import ExplainSettings
     from medcam.runner import parse_target
 
     layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
     return ExplainSettings(layers=layer_arg, method=method, target=parse_target(target),
                            formats=formats, normalize=normalize, fusion=fusion,
-                           window=window)  # fmt: skip
+                           window=window, chosen_by=chosen_by)  # fmt: skip
+
+
+def _calibrated(calibration, layers, method, fusion):
+    """``(layers, method, fusion, chosen_by)``: from ``--calibration`` when given."""
+    if not calibration:
+        return layers, method, fusion, None
+    if list(layers) != ["auto"] or method != "auto" or fusion:
+        raise MedcamError("Give --calibration or --layer / --method / --fusion, not both: the "
+                          "calibration names the layers, method and fusion.")  # fmt: skip
+    from medcam.calibrate import load_calibration
+
+    c = load_calibration(calibration)
+    return c["layers"], c["method"], c["fusion"], c["chosen_by"]
 
 
 def _explain_remote(inputs, out, model_args, layers, method, target, formats, normalize, fusion,
                     window, study, series_uids, modalities, series_description, store, store_to,
-                    ae_title, retrieve, move_port) -> None:  # fmt: skip
+                    ae_title, retrieve, move_port, chosen_by=None) -> None:  # fmt: skip
     """``medcam explain dicomweb+http://... --study UID``: fetch, explain, store back."""
     from medcam.pipeline import Pipeline, explain_study
     from medcam.runner import load_model
@@ -298,7 +321,7 @@ def _explain_remote(inputs, out, model_args, layers, method, target, formats, no
     for sink in sinks:
         sink.check()
     spec = load_model(**model_args)
-    settings = _settings(layers, method, target, chosen, normalize, fusion, window)
+    settings = _settings(layers, method, target, chosen, normalize, fusion, window, chosen_by)
     pipeline = Pipeline(spec, settings, sinks, log=click.echo)
     records = explain_study(source, study, pipeline, out=out, series_filter=series_filter)
     done = sum(r["status"] == "done" for r in records)
@@ -340,11 +363,12 @@ def _explain_remote(inputs, out, model_args, layers, method, target, formats, no
               help=FORMATS_HELP)  # fmt: skip
 @click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none")
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
+@_calibration_option
 @_window_options
 def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_series,
            max_attempts, keep, show_status, bundle, model_spec, weights, preprocess, device,
-           layers, method, target, formats, normalize, fusion, roi_size, sw_batch_size,
-           overlap) -> None:  # fmt: skip
+           layers, method, target, formats, normalize, fusion, calibration, roi_size,
+           sw_batch_size, overlap) -> None:  # fmt: skip
     """Run as an AI node: receive series by C-STORE, explain each complete series, store the
     results (see docs/pacs.md)."""
     import datetime
@@ -368,13 +392,14 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
                     click.echo(f"  failed: series ...{job['series_uid'][-12:]} (job {job['key']}): "
                                f"{job['error']}")  # fmt: skip
             return
+        layers_, method_, fusion_, chosen_by = _calibrated(calibration, layers, method, fusion)
         chosen = [f.strip() for f in formats.split(",") if f.strip()]
         sink = open_sink(store_to, calling_ae=ae_title)
         sink.check()  # destination and credentials before the model is loaded
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
-        settings = _settings(layers, method, target, chosen, normalize, fusion,
-                             parse_window(roi_size, sw_batch_size, overlap))  # fmt: skip
+        settings = _settings(layers_, method_, target, chosen, normalize, fusion_,
+                             parse_window(roi_size, sw_batch_size, overlap), chosen_by)  # fmt: skip
         pipeline = Pipeline(spec, settings, [sink], log=log)
         node = Listener(pipeline, state, ae_title=ae_title, port=port, host=bind,
                         quiet_period=quiet_period, max_series=max_series, allowed_callers=allowed,
@@ -628,10 +653,11 @@ def cohort() -> None:
 @click.option("--normalize", type=click.Choice(["none", "minmax", "percentile"]), default="none")
 @click.option("--fusion", type=click.Choice(["mean", "product"]), default=None)
 @click.option("--shard", help="i/N: run shard i of N (default: torchrun / SLURM environment).")
+@_calibration_option
 @_window_options
 @_run_options
 def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, layers, method,
-               target, formats, normalize, fusion, shard, roi_size, sw_batch_size,
+               target, formats, normalize, fusion, shard, calibration, roi_size, sw_batch_size,
                overlap, prefetch, quiet) -> None:  # fmt: skip
     """Explain every case of MANIFEST this rank owns; skip cases already done."""
     from medcam.cohort import gather_and_index, read_cohort_manifest, resolve_shard, run_cohort
@@ -640,18 +666,20 @@ def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, l
     def work():
         cases = read_cohort_manifest(manifest)  # every manifest problem before any work
         rank, world = resolve_shard(shard)
+        layers_, method_, fusion_, chosen_by = _calibrated(calibration, layers, method, fusion)
         fmt = [f.strip() for f in formats.split(",")]
-        layer_arg = list(layers) if list(layers) != ["auto"] else "auto"
+        layer_arg = list(layers_) if list(layers_) != ["auto"] else "auto"
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
         window = parse_window(roi_size, sw_batch_size, overlap)
-        process = cohort_processor(spec, layers=layer_arg, method=method, target=target,
-                                   formats=fmt, normalize=normalize, fusion=fusion,
-                                   window=window)  # fmt: skip
+        process = cohort_processor(spec, layers=layer_arg, method=method_, target=target,
+                                   formats=fmt, normalize=normalize, fusion=fusion_,
+                                   window=window, chosen_by=chosen_by)  # fmt: skip
         config = {
             "model": spec.source, "weights": _file_hash(weights), "bundle": bundle,
-            "preprocess": preprocess, "layers": layer_arg, "method": method, "target": target,
-            "formats": fmt, "normalize": normalize, "fusion": fusion, "window": window,
+            "preprocess": preprocess, "layers": layer_arg, "method": method_, "target": target,
+            "formats": fmt, "normalize": normalize, "fusion": fusion_, "window": window,
+            **({"chosen_by": chosen_by} if chosen_by else {}),
         }  # fmt: skip
         progress = _Progress(quiet, desc=f"rank {rank}/{world}", position=rank, unit="case")
         with progress.reporting():

@@ -37,6 +37,7 @@ class ExplainSettings:
     normalize: str = "none"
     fusion: str | None = None
     window: dict[str, Any] | None = None
+    chosen_by: str | None = None  # why these layers / method (e.g. "calibrated: ...")
     seg_threshold: float = 0.5
     fractional_seg: bool = False
     alpha: float = 0.4
@@ -138,7 +139,11 @@ class Pipeline:
         check_formats(settings.formats)
         self.spec, self.settings, self.sinks, self.log = spec, settings, list(sinks), log
         self.explainer = Explainer(
-            spec.network, settings.layers, settings.method, fusion=settings.fusion
+            spec.network,
+            settings.layers,
+            settings.method,
+            fusion=settings.fusion,
+            chosen_by=settings.chosen_by,
         )
         self.model_sha256 = model_identity(spec.network)["state_dict_sha256"]
 

@@ -329,6 +329,7 @@ def explain_inputs(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     log: Callable[[str], None] = print,
     prefetch: int = 1,
+    chosen_by: str | None = None,
 ) -> list[dict]:
     """Explain every case in ``inputs`` and write its outputs under ``out/<case>/``.
 
@@ -358,7 +359,7 @@ def explain_inputs(
         check_formats(formats, kind=input_kind(path))
     names = unique_case_names(cases) if name_from_input else {}
     OutputDir(out)
-    explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    explainer = Explainer(spec.network, layers, method, fusion=fusion, chosen_by=chosen_by)
     options = inference_options(spec, window)
 
     def load(path: Path) -> tuple[Any, str]:
@@ -513,6 +514,7 @@ def cohort_processor(
     normalize: str = "none",
     fusion: str | None = None,
     window: dict[str, Any] | None = None,
+    chosen_by: str | None = None,
 ) -> CohortSteps:
     """``process(case, folder)`` for :func:`medcam.cohort.run_cohort`: explain the case's input
     (its own ``target`` if the manifest gives one) and write ``formats`` into ``folder``; with a
@@ -524,7 +526,7 @@ def cohort_processor(
     :class:`medcam.cohort.CaseSteps`), so the cohort overlaps consecutive cases."""
     from medcam.engine.core import Explainer
 
-    explainer = Explainer(spec.network, layers, method, fusion=fusion)
+    explainer = Explainer(spec.network, layers, method, fusion=fusion, chosen_by=chosen_by)
     options = inference_options(spec, window)
     return CohortSteps(spec, explainer, options, target, list(formats), normalize)
 

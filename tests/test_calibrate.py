@@ -36,6 +36,9 @@ def test_known_answer_the_first_layer_finds_the_lesion_the_default_the_lure(dims
     assert cal.cross_validated == {"best": 1.0, "default": 0.0}
     assert cal.describe().startswith(f"calibrated on 8 labelled cases: {cal.chosen.method} @ ")
     assert cal.chosen.flags().startswith(f"--layer {cal.chosen.layers[0]} --method ")
+    # the reason travels with the settings into the result's metadata
+    meta = medcam.explain(model, x[:1], 1, **cal.settings()).metadata()
+    assert meta["layers_chosen_by"] == meta["method_chosen_by"] == f"calibrated: {cal.describe()}"
 
 
 def test_every_row_of_the_table_is_what_explain_gives():
@@ -174,6 +177,21 @@ def test_cli_calibrate_then_explain_with_the_printed_flags(tmp_path):
     (nifti,) = out.rglob("*.nii.gz")
     heat = np.asarray(nib.load(nifti).dataobj).squeeze()
     assert ev.pointing_game(heat, np.asarray(nib.load(rows[0][1]).dataobj) > 0) == 1.0
+    # or the saved file itself: the same map, and the sidecar says why these layers
+    again = tmp_path / "again"
+    run = CliRunner().invoke(main, ["explain", str(rows[0][0]), "--out", str(again), *model,
+                                    "--target", "1", "--calibration", str(saved)])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    (nifti2,) = again.rglob("*.nii.gz")
+    assert np.array_equal(np.asarray(nib.load(nifti2).dataobj).squeeze(), heat)
+    (sidecar,) = again.rglob("*.json")
+    meta = json.loads(sidecar.read_text())["explanation"]
+    assert meta["layers"] == record["layers"] and meta["method"] == record["method"]
+    assert meta["layers_chosen_by"] == record["chosen_by"]
+    assert record["chosen_by"].startswith("calibrated: calibrated on 4 labelled cases")
+    args = ["explain", str(rows[0][0]), "--out", str(tmp_path / "x"), *model]
+    both = CliRunner().invoke(main, [*args, "--calibration", str(saved), "--layer", "deep"])
+    assert both.exit_code == 2 and "not both" in both.output and not (tmp_path / "x").exists()
 
 
 def test_cli_calibrate_refuses_a_bad_case_list(tmp_path):
@@ -187,3 +205,36 @@ def test_cli_calibrate_refuses_a_bad_case_list(tmp_path):
     assert result.exit_code == 2 and "line 2: scan" in result.output
     result = CliRunner().invoke(main, ["layers", *model, "--save", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "--save goes with --calibrate" in result.output
+
+
+def test_a_saved_calibration_is_checked_when_read(tmp_path):
+    good = {"layers": ["a", "b"], "method": "hirescam", "fusion": "product", "chosen_by": "why"}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(good))
+    assert medcam.load_calibration(path) == good
+    for bad, match in (
+        ({**good, "layers": []}, "needs 'layers'"),
+        ({**good, "layers": "a"}, "needs 'layers'"),
+        ({**good, "method": "magic"}, "unknown method 'magic'"),
+        ({**good, "fusion": None}, "fusion must be"),
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=match):
+            medcam.load_calibration(path)
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="Cannot read the calibration"):
+        medcam.load_calibration(path)
+
+
+def test_bundle_handler_takes_a_calibration(tmp_path):
+    from medcam.bundle import CAMHandler
+    from medcam.errors import MedcamError
+
+    saved = {"layers": ["stem"], "method": "hirescam", "fusion": None, "chosen_by": "calibrated: x"}
+    (tmp_path / "calibration.json").write_text(json.dumps(saved))
+    handler = CAMHandler(calibration="calibration.json", bundle_root=tmp_path,
+                         trusted=[str(tmp_path)])  # fmt: skip
+    assert (handler.layers, handler.method, handler.chosen_by) == (["stem"], "hirescam",
+                                                                   "calibrated: x")  # fmt: skip
+    with pytest.raises(MedcamError, match="not both"):
+        CAMHandler(calibration=tmp_path / "calibration.json", layers=["deep"])

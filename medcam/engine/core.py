@@ -264,6 +264,10 @@ class Explainer:
         For ``"scorecam"`` / ``"ablationcam"``: perturbed copies per forward pass. Bounds
         memory (one batch of copies exists at a time); Captum's name, pytorch-grad-cam's
         ``batch_size``.
+    chosen_by:
+        Why the named layers and method were chosen, recorded as ``layers_chosen_by`` /
+        ``method_chosen_by`` instead of ``"user"`` (e.g. ``"calibrated: ..."`` from
+        :class:`medcam.Calibration`); ``"auto"`` choices keep their own reasons.
     """
 
     def __init__(
@@ -281,6 +285,7 @@ class Explainer:
         at: At | Sequence[At] | Mapping[Any, At] = "output",
         reshape: ReshapeSpec | Mapping[Any, ReshapeSpec] = "auto",
         perturbations_per_eval: int = 16,
+        chosen_by: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
@@ -314,6 +319,7 @@ class Explainer:
                 f"perturbations_per_eval must be a positive int, not {perturbations_per_eval!r}."
             )
         self.perturbations_per_eval = perturbations_per_eval
+        self.chosen_by = chosen_by
 
     def _per_layer(self, what: str, spec: Any, allowed: tuple[str, ...] | None) -> Any:
         """A per-layer option as one value, a dict ``{name: value}`` or a list aligned with the
@@ -365,10 +371,11 @@ class Explainer:
     ) -> tuple[list[str], Fusion | None, str]:
         """``(layer names, fusion, layers_chosen_by)`` for input ``x``.
 
-        ``layers_chosen_by`` is ``"auto: <rule>"``, ``"last: <layer>"`` or ``"user"``.
+        ``layers_chosen_by`` is ``"auto: <rule>"``, ``"last: <layer>"``, or for named layers
+        ``chosen_by`` (default ``"user"``).
         """
         if not self._auto:
-            return list(self._layers), self.fusion, "user"
+            return list(self._layers), self.fusion, self.chosen_by or "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
             infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
@@ -458,7 +465,7 @@ class Explainer:
             logits = select_output(inputs(self.model), self.output)
             scores, classes = target_fn(logits)
             _check_scores(scores)
-            method_chosen_by = "user"
+            method_chosen_by = self.chosen_by or "user"
             if method is None:
                 auto_name, method_chosen_by = auto_method(tuple(logits.shape))
                 method = get_method(auto_name)
@@ -568,7 +575,8 @@ def explain(
     >>> result = medcam.explain(net, volume, layers="features.denseblock3", target="all")
     >>> result.heatmap.shape  # (B, num_classes, D, H, W)
     """
-    keys = ("fc_layer", "batched", "eval", "device", "at", "reshape", "perturbations_per_eval")
+    keys = ("fc_layer", "batched", "eval", "device", "at", "reshape", "perturbations_per_eval",
+            "chosen_by")  # fmt: skip
     explainer_kwargs = {k: kwargs.pop(k) for k in keys if k in kwargs}
     return Explainer(model, layers, method, output=output, fusion=fusion, **explainer_kwargs)(
         x, target, normalize=normalize, **kwargs

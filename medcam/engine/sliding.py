@@ -551,7 +551,7 @@ def _explain_one(
         # there from the network's real output, a classifier's included (explain_whole's
         # padding comes this way).
         return _single_window(explainer, x, layout, window, target_fn, extra)
-    method_chosen_by = "user"
+    method_chosen_by = explainer.chosen_by or "user"
     if method is None:  # several windows: the output is dense (see auto_method)
         method, method_chosen_by = auto_method((1, 1, *x.shape[2:]))
         explainer = copy.copy(explainer)

@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import torch
 
-from medcam import evaluate as ev
 from medcam.engine.auto import auto_choice, auto_method
 from medcam.engine.core import Explainer
 from medcam.engine.layers import model_device, trace_layers
 from medcam.engine.postprocess import fuse_maps, upsample
 from medcam.errors import InputError, LayerError, MedcamError, TargetError
+from medcam.io.mask import evidence
 
 __all__ = ["Calibration", "Candidate", "calibrate_layers", "calibrate_scans", "load_calibration"]
 
@@ -52,7 +53,7 @@ _RULES: dict[str, dict[str, Any]] = {
         for d in (2, 4, 8)
     },
 }
-_CHUNK = 16  # candidate maps put back on a scan grid at a time
+_CHUNK_BYTES = 256 * 2**20  # candidate maps on the masks' grid held at a time (float32)
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ class Calibration:
 
     def settings(self) -> dict[str, Any]:
         """The chosen candidate as :class:`medcam.Explainer` keyword arguments, with
-        ``chosen_by="calibrated: <describe()>"`` (what the results' metadata records)."""
-        return {**self.chosen.settings(), "chosen_by": f"calibrated: {self.describe()}"}
+        ``chosen_by=describe()`` (what the results' metadata records)."""
+        return {**self.chosen.settings(), "chosen_by": self.describe()}
 
     def record(self) -> dict[str, Any]:
         """JSON-ready summary (what ``medcam layers --calibrate --save`` writes; read back by
@@ -131,7 +132,7 @@ class Calibration:
     def describe(self) -> str:
         """One line: what was chosen and on what evidence."""
         pg, cv, best = self.pointing_game, self.cross_validated, self.best
-        head = f"calibrated on {self.n_cases} labelled cases: "
+        head = f"calibrated on {self.n_cases} labelled case{'s' * (self.n_cases != 1)}: "
         name = f"{best.method} @ {' + '.join(best.layers)}"
         left_out = f"{cv['best']:.2f} on cases left out of the choice" if cv else ""
         tail = "" if cv else "; fewer than 4 cases, so no leave-one-out estimate"
@@ -149,6 +150,26 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------ candidates
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    """The canonical names of ``methods``, checked."""
+    from medcam.engine.methods import get_method
+
+    if isinstance(methods, str) or not methods:
+        raise InputError("methods must be a non-empty list of method names, e.g. "
+                         "['gradcam', 'hirescam', 'layercam'].")  # fmt: skip
+    for m in methods:
+        if get_method(m).perturbation:
+            raise InputError(f"Calibration tries gradient methods; {m!r} is a perturbation "
+                             "method (one pass per candidate would be too slow).")  # fmt: skip
+    return [get_method(m).name for m in methods]
+
+
+def _explainers(model, cands: list[Candidate]) -> dict[str, Explainer]:
+    """One explainer per method over every candidate layer (the default's method included)."""
+    names = sorted({n for c in cands for n in c.layers})
+    return {m: Explainer(model, names, m) for m in dict.fromkeys(c.method for c in cands)}
+
+
 def _candidates(infos, spatial, out_shape, methods: Sequence[str]) -> list[Candidate]:
     default = auto_choice(infos, spatial, out_shape)
     default_method = auto_method(out_shape)[0]
@@ -198,24 +219,43 @@ def _score(
             if result.classes.shape[1] != 1:
                 raise TargetError(
                     f"Calibration scores one map per case, but the target gives "
-                    f"{result.classes.shape[1]}; give one class (e.g. target=1)."
+                    f"{result.classes.shape[1]}; give one class (target=1, --target 1)."
                 )
             raw[method] = {name: m.detach() for name, m in result.raw.items()}
         spatial = tuple(x.shape[2:])
         case_pg = torch.empty(len(cands), len(x))
         case_en = torch.empty(len(cands), len(x))
-        for start in range(0, len(cands), _CHUNK):
-            chunk = cands[start : start + _CHUNK]
-            maps = place(_maps(raw, chunk, spatial)).cpu()
-            rank = maps.ndim - 2
-            for j in range(len(chunk)):
-                heat, row = maps[:, j], start + j
-                kw = {"spatial_rank": rank, "reduce": False}
-                case_pg[row] = torch.tensor(ev.pointing_game(heat, masks, **kw))
-                case_en[row] = torch.tensor(ev.energy_pointing_game(heat, masks, **kw))
+        step = max(1, min(32, _CHUNK_BYTES // (4 * masks.numel())))
+        for start in range(0, len(cands), step):
+            chunk = cands[start : start + step]
+            maps = place(_maps(raw, chunk, spatial))
+            case_pg[start : start + len(chunk)], case_en[start : start + len(chunk)] = _hits(
+                maps, masks.to(maps.device)
+            )
         pg.append(case_pg)
         energy.append(case_en)
     return torch.cat(pg, dim=1), torch.cat(energy, dim=1)
+
+
+def _hits(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strict and energy pointing game ``(k, B)`` of ``maps: (B, k, *M)`` against boolean
+    ``masks: (B, *M)``, as :func:`medcam.evaluate.pointing_game` / ``energy_pointing_game``
+    compute them (first maximum; positive mass), without their per-map copies (a scan-sized
+    grid holds tens of millions of voxels)."""
+    b, k = maps.shape[:2]
+    # both in the maps' memory order (the scan grid is stored first axis fastest): no copy
+    nd = maps.ndim - 2
+    order = sorted(range(nd), key=lambda d: -maps.stride(2 + d))
+    flat = maps.permute(0, 1, *[2 + d for d in order]).reshape(b, k, -1)
+    inside = masks.permute(0, *[1 + d for d in order]).reshape(b, -1)
+    pg = inside.gather(1, flat.argmax(dim=2)).float().T.cpu()
+    energy = torch.zeros(k, b)
+    for i in range(b):
+        where = inside[i].nonzero()[:, 0]
+        mass_in = flat[i][:, where].clamp_min(0).sum(dim=1)
+        total = torch.stack([flat[i, j].clamp_min(0).sum() for j in range(k)])
+        energy[:, i] = torch.where(total > 0, mass_in / total.clamp_min(1e-30), 0.0).cpu()
+    return pg, energy
 
 
 def _best(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -> int:
@@ -271,6 +311,14 @@ def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
                 f"The mask of {name} is empty. Calibration needs the evidence (e.g. the lesion) "
                 "drawn in every case; leave out cases without it."
             )
+        share = float(mask.float().mean())
+        if share > 0.5:
+            raise InputError(
+                f"The mask of {name} covers {100 * share:.0f} % of the image: any map points "
+                "inside it, so the pointing game would say nothing. Give the evidence (e.g. the "
+                "lesion), not the body or the scan itself (are scan and mask the right way "
+                "round?)."
+            )
 
 
 def _trace(model, x):
@@ -307,7 +355,8 @@ def calibrate_layers(
         As in :func:`medcam.explain`, one map per case (``"pred"``, a class index, a
         :class:`medcam.SegmentationTarget`).
     methods:
-        Gradient methods tried at every candidate.
+        Gradient methods tried at every candidate (the default's own method is always
+        scored).
     batch_size:
         Cases per forward / backward pass.
 
@@ -321,21 +370,27 @@ def calibrate_layers(
     InputError
         Inputs and masks that do not match, or an empty mask (before the model runs).
     """
-    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
-        raise InputError("x must be a (N, C, H, W) or (N, C, D, H, W) tensor of model inputs.")
-    masks = torch.as_tensor(masks)
+    methods = _check_methods(methods)
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5) or len(x) == 0:
+        raise InputError("x must be a (N, C, H, W) or (N, C, D, H, W) tensor of model inputs, "
+                         "N >= 1.")  # fmt: skip
+    if isinstance(masks, (list, tuple)):
+        masks = torch.stack([torch.as_tensor(np.asarray(m)) for m in masks])
+    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
     if tuple(masks.shape) != (x.shape[0], *x.shape[2:]):
+        no_channel = masks.ndim == x.ndim and tuple(masks.shape) == tuple(x.shape)
+        hint = " x seems to lack its channel axis: give x[:, None]." if no_channel else ""
         raise InputError(
             f"masks must be (N, *spatial) = {(x.shape[0], *x.shape[2:])} to match x "
-            f"{tuple(x.shape)}, not {tuple(masks.shape)}; draw each mask on its input's grid."
+            f"{tuple(x.shape)}, not {tuple(masks.shape)}; draw each mask on its input's "
+            f"grid.{hint}"
         )
-    masks = masks.bool().cpu()
+    masks = torch.stack([evidence(m, None, f"The mask of case {i}") for i, m in enumerate(masks)])
     _check_masks(list(masks), [f"case {i}" for i in range(len(masks))])
     device = model_device(model, x)
     infos, out_shape = _trace(model, x[:1].to(device))
     cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods)
-    explainers = {m: Explainer(model, sorted({n for c in cands for n in c.layers}), m)
-                  for m in methods}  # fmt: skip
+    explainers = _explainers(model, cands)
 
     def cases():
         for i in range(0, len(x), batch_size):
@@ -354,6 +409,7 @@ def calibrate_scans(
     preprocess: Any = None,
     methods: Sequence[str] = METHODS,
     expect: Any = None,
+    label: int | None = None,
 ) -> Calibration:
     """Choose layers and method by the pointing game on labelled scans.
 
@@ -367,10 +423,16 @@ def calibrate_scans(
     scans:
         :class:`medcam.Scan` objects or anything :func:`medcam.load_scan` reads.
     masks:
-        One per scan, on that scan's grid: a :class:`medcam.Scan` / path of a label image
-        (nonzero = evidence) or an array ``(*scan_spatial)``.
+        One per scan, on that scan's grid (see :func:`medcam.io.mask.mask_on_scan`): a
+        :class:`medcam.Scan` / path of a label image or of a DICOM SEG, or an array in the
+        scan's array order ``scan.image.shape[1:]`` (for DICOM and pictures that is (columns,
+        rows[, slices]), the transpose of pydicom's / PIL's arrays: prefer files). Evidence:
+        nonzero voxels of a one-label mask, ``>= 0.5`` of a resampled (non-integer) mask, or the
+        voxels equal to ``label`` (a SEG's segment number).
     target, methods:
         As in :func:`calibrate_layers`.
+    label:
+        Which value of the masks is the evidence (for label images with several structures).
     preprocess, expect:
         As in :func:`medcam.explain_scan`. The whole preprocessed input is explained in one
         forward pass (no sliding windows).
@@ -380,16 +442,21 @@ def calibrate_scans(
     Calibration
     """
     from medcam.io import Scan, load_scan
+    from medcam.io.mask import mask_on_scan
     from medcam.space import invert_to_source, preprocess_scan
 
+    methods = _check_methods(methods)
     if len(scans) != len(masks) or not scans:
         raise InputError(f"Give one mask per scan ({len(scans)} scans, {len(masks)} masks).")
     loaded, grids = [], []
     for i, (scan, mask) in enumerate(zip(scans, masks, strict=True)):
-        scan = scan if isinstance(scan, Scan) else load_scan(scan)
-        grid = _mask_on_grid(mask, scan, i)
+        if not isinstance(scan, Scan):
+            try:
+                scan = load_scan(scan)
+            except MedcamError as err:
+                raise type(err)(f"Scan {i} ({scan}): {err}") from err
+        grids.append(mask_on_scan(mask, scan, label, what=f"The mask of scan {i}"))
         loaded.append(scan)
-        grids.append(grid)
     _check_masks(grids, [f"scan {i} ({s.source or 'tensor'})" for i, s in enumerate(loaded)])
     device = model_device(model, loaded[0].image)
     inputs = [preprocess_scan(s, preprocess, device, expect) for s in loaded]
@@ -403,8 +470,7 @@ def calibrate_scans(
             "ResizeWithPadOrCrop)."
         )
     cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods)
-    explainers = {m: Explainer(model, sorted({n for c in cands for n in c.layers}), m)
-                  for m in methods}  # fmt: skip
+    explainers = _explainers(model, cands)
 
     def cases() -> Iterator:
         for scan, model_input, grid in zip(loaded, inputs, grids, strict=True):
@@ -420,36 +486,6 @@ def calibrate_scans(
 
 def _plain(t):
     return t.as_tensor() if hasattr(t, "as_tensor") else t
-
-
-def _mask_on_grid(mask: Any, scan: Any, i: int) -> torch.Tensor:
-    """A boolean ``(*scan_spatial)`` mask, checked against the scan's grid."""
-    import numpy as np
-
-    from medcam.io import Scan, load_scan
-
-    if isinstance(mask, (torch.Tensor, np.ndarray)):
-        m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
-        if tuple(m.shape) != tuple(scan.spatial_shape):
-            raise InputError(
-                f"Mask {i} has shape {tuple(m.shape)}, scan {i} {tuple(scan.spatial_shape)}; "
-                "draw the mask on the scan's grid."
-            )
-        return m.bool().cpu()
-    label = mask if isinstance(mask, Scan) else load_scan(mask)
-    if tuple(label.spatial_shape) != tuple(scan.spatial_shape) or not np.allclose(
-        label.affine_ras, scan.affine_ras, atol=1e-3
-    ):
-        raise InputError(
-            f"Mask {i} ({label.source}) is not on the grid of scan {i} ({scan.source}): shape "
-            f"{tuple(label.spatial_shape)} vs {tuple(scan.spatial_shape)}, or a different "
-            "voxel-to-world affine. Resample the mask onto the scan (nearest neighbour), e.g. "
-            "with 3D Slicer's 'Resample Scalar/Vector/DWI Volume' or SimpleITK."
-        )
-    if label.image.shape[0] != 1:
-        raise InputError(f"Mask {i} ({label.source}) has {label.image.shape[0]} channels; give "
-                         "a single-channel label image.")  # fmt: skip
-    return (label.image[0] != 0).cpu()
 
 
 def load_calibration(path: str | Any) -> dict[str, Any]:

@@ -416,9 +416,9 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
 @click.option("--in-channels", type=int, default=None, help="Input channels (default 1).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without spatial output.")
 @click.option("--calibrate", "cases_csv", type=click.Path(exists=True, dir_okay=False),
-              help="CSV with columns scan, mask (a label image on the scan's grid, nonzero = "
-              "the evidence): explain these labelled cases at every layer and method and say "
-              "which points at the evidence (see docs/engine.md).")  # fmt: skip
+              help="CSV with columns scan, mask (a label image or DICOM SEG on the scan's "
+              "grid marking the evidence): explain these labelled cases at every layer and "
+              "method and say which points at the evidence (see docs/engine.md).")  # fmt: skip
 @click.option(
     "--target",
     default="pred",
@@ -428,10 +428,15 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
 @click.option(
     "--save",
     type=click.Path(dir_okay=False),
-    help="With --calibrate: write the choice and the whole table to this JSON file.",
+    help="With --calibrate: write the choice and the whole table to this JSON file "
+    "(then: medcam explain --calibration FILE).",
 )
+@click.option("--mask-label", "label", type=int, default=None,
+              help="With --calibrate: the mask value that marks the evidence (for label images "
+              "holding several structures; default: the nonzero voxels of one-label "
+              "masks).")  # fmt: skip
 def layers(bundle, model_spec, weights, preprocess, device, input_size, in_channels, show_all,
-           cases_csv, target, save):  # fmt: skip
+           cases_csv, target, save, label):  # fmt: skip
     """List candidate target layers with their feature-grid shapes, and say which layers the
     default (--layer auto) explains and why; with --calibrate, choose them from labelled
     cases."""
@@ -441,9 +446,10 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         if input_size or in_channels or show_all:
             raise click.UsageError("--calibrate takes the input size from the preprocessing; "
                                    "drop --input-size, --in-channels and --all.")  # fmt: skip
-        return _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save)
-    if save:
-        raise click.UsageError("--save goes with --calibrate.")
+        return _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save,
+                          label)  # fmt: skip
+    if save or label is not None:
+        raise click.UsageError("--save and --mask-label go with --calibrate.")
 
     from medcam.engine.auto import auto_choice, auto_method
     from medcam.engine.layers import check_hookable, model_device, trace_layers
@@ -492,28 +498,47 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
 
 
 def _read_cases(path: str) -> list[tuple[Path, Path]]:
-    """``scan, mask`` rows of a CSV, relative paths taken from the CSV's folder."""
+    """``scan, mask`` rows of a CSV (comma, semicolon or tab; Excel's UTF-8 BOM; header names
+    in any case), relative paths taken from the CSV's folder."""
     import csv
 
     base = Path(path).parent
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"scan", "mask"} <= set(rows[0]):
-        raise MedcamError(f"{path}: needs a header with columns scan, mask and one row per case.")
-    cases = []
-    for n, row in enumerate(rows, start=2):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=first.count)
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "scan" not in header or "mask" not in header:
+        raise MedcamError(f"{path}: needs a header with columns scan, mask (found: "
+                          f"{', '.join(header) or 'nothing'}) and one row per case.")  # fmt: skip
+    cases, seen = [], {}
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        line = reader.line_num
         pair = []
         for key in ("scan", "mask"):
-            p = Path((row.get(key) or "").strip())
-            p = p if p.is_absolute() else base / p
-            if not str(row.get(key) or "").strip() or not p.exists():
-                raise MedcamError(f"{path}, line {n}: {key} {str(p)!r} does not exist.")
+            k = header.index(key)
+            cell = row[k].strip() if k < len(row) else ""
+            if not cell:
+                raise MedcamError(f"{path}, line {line}: the {key} cell is empty.")
+            p = Path(cell) if Path(cell).is_absolute() else base / cell
+            if not p.exists():
+                raise MedcamError(f"{path}, line {line}: {key} {str(p)!r} does not exist.")
             pair.append(p)
+        key = (pair[0].resolve(), pair[1].resolve())
+        if key in seen:
+            raise MedcamError(f"{path}, line {line} repeats line {seen[key]}.")
+        seen[key] = line
         cases.append((pair[0], pair[1]))
+    if not cases:
+        raise MedcamError(f"{path}: no cases (one row per case under the scan, mask header).")
     return cases
 
 
-def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save) -> None:
+def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, target, save,
+               label) -> None:  # fmt: skip
     import json
 
     from medcam.calibrate import calibrate_scans
@@ -527,7 +552,7 @@ def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, targe
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
         cal = calibrate_scans(spec.network, [c[0] for c in cases], [c[1] for c in cases],
-                              chosen_target, preprocess=spec.preprocess)  # fmt: skip
+                              chosen_target, preprocess=spec.preprocess, label=label)  # fmt: skip
         click.echo(f"{'pointing game':>13s} {'energy':>7s}  candidate")
         for row in cal.table[:10]:
             fused = f" ({row['fusion']})" if row["fusion"] else ""
@@ -536,6 +561,8 @@ def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, targe
         click.echo(f"\n{cal.describe()}")
         if cal.chosen != cal.default:
             click.echo(f"use: medcam explain ... {cal.chosen.flags()}")
+        else:
+            click.echo("use: the default (--layer auto --method auto)")
         if save:
             tmp = Path(save).with_name(f".{Path(save).name}.tmp")
             tmp.write_text(json.dumps(cal.record(), indent=2))

@@ -37,7 +37,7 @@ class ExplainSettings:
     normalize: str = "none"
     fusion: str | None = None
     window: dict[str, Any] | None = None
-    chosen_by: str | None = None  # why these layers / method (e.g. "calibrated: ...")
+    chosen_by: str | None = None  # why these layers / method ("calibrated on 8 labelled ...")
     seg_threshold: float = 0.5
     fractional_seg: bool = False
     alpha: float = 0.4

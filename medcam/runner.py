@@ -45,7 +45,15 @@ def _import_object(spec: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise MedcamError(f"Cannot import {module_name!r} for {what} {spec!r}: {err}") from err
+        top = module_name.split(".")[0]
+        here = (Path.cwd() / top).is_dir() or (Path.cwd() / f"{top}.py").is_file()
+        hint = ""
+        if here:
+            hint = (" It is in the current folder, which the `medcam` command does not import "
+                    "from: run `PYTHONPATH=. medcam ...` or `python -m medcam ...`.")  # fmt: skip
+        raise MedcamError(
+            f"Cannot import {module_name!r} for {what} {spec!r}: {err}.{hint}"
+        ) from err
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -358,8 +366,9 @@ def explain_inputs(
     for path in cases:  # a DICOM-only format for a NIfTI/picture input: refused before any work
         check_formats(formats, kind=input_kind(path))
     names = unique_case_names(cases) if name_from_input else {}
-    OutputDir(out)
+    # layer names are checked (Explainer) before the output folder is made
     explainer = Explainer(spec.network, layers, method, fusion=fusion, chosen_by=chosen_by)
+    OutputDir(out)
     options = inference_options(spec, window)
 
     def load(path: Path) -> tuple[Any, str]:

@@ -214,6 +214,19 @@ def _onto_scan_grid(maps: torch.Tensor, affine: np.ndarray, scan: Scan, preproce
     or direction (e.g. slices numbered against the slice normal) are flipped / transposed; any
     other difference is an error that names it.
     """
+    mapped = same_voxels(maps, affine, scan)
+    if mapped is not None:
+        return mapped
+    nd = maps.ndim - 1
+    a, b = _affine_nd(affine, nd), _affine_nd(scan.affine_ras, nd)
+    raise MedcamError(_grid_difference(a, b, tuple(maps.shape[1:]), scan.spatial_shape,
+                                       preprocess))  # fmt: skip
+
+
+def same_voxels(maps: torch.Tensor, affine: np.ndarray, scan: Scan) -> torch.Tensor | None:
+    """``maps: (K, *S)`` on the grid ``affine`` put on the scan's grid when both grids have
+    the same voxel centres (to a tenth of a voxel), in any axis order or direction; else
+    ``None``."""
     nd = maps.ndim - 1
     a = _affine_nd(affine, nd)
     b = _affine_nd(scan.affine_ras, nd)
@@ -243,13 +256,11 @@ def _onto_scan_grid(maps: torch.Tensor, affine: np.ndarray, scan: Scan, preproce
             flip = [1 + i for i in range(nd) if signs[i] < 0]
             if flip:
                 mapped = mapped.flip(flip)
-    if mapped is not None:
-        return mapped.contiguous()
-    raise MedcamError(_grid_difference(a, b, shape_in, shape_scan, preprocess))
+    return None if mapped is None else mapped.contiguous()
 
 
-def _grid_difference(a, b, shape_in, shape_scan, preprocess) -> str:
-    """A sentence naming how grid ``a`` (shape ``shape_in``) differs from the scan's ``b``."""
+def grid_differences(a, b, shape_in, shape_scan) -> str:
+    """How grid ``a`` (shape ``shape_in``) differs from the scan's ``b``, in words."""
     nd = len(shape_in)
     diffs = []
     sa, sb = _voxel_sizes(a), _voxel_sizes(b)
@@ -268,7 +279,12 @@ def _grid_difference(a, b, shape_in, shape_scan, preprocess) -> str:
     shift = float(np.linalg.norm(centre_a[:nd] - centre_b[:nd]))
     if shift > 1e-3:
         diffs.append(f"centre shifted by {shift:.3g} mm")
-    what = "; ".join(diffs) if diffs else "a grid that does not cover the same voxel centres"
+    return "; ".join(diffs) if diffs else "a grid that does not cover the same voxel centres"
+
+
+def _grid_difference(a, b, shape_in, shape_scan, preprocess) -> str:
+    """A sentence naming how grid ``a`` (shape ``shape_in``) differs from the scan's ``b``."""
+    what = grid_differences(a, b, shape_in, shape_scan)
     names = ", ".join(_names(preprocess)) if preprocess is not None else "none"
     return (
         f"After undoing the preprocessing, the heatmap lies on a grid that differs from the "

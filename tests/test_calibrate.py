@@ -38,7 +38,7 @@ def test_known_answer_the_first_layer_finds_the_lesion_the_default_the_lure(dims
     assert cal.chosen.flags().startswith(f"--layer {cal.chosen.layers[0]} --method ")
     # the reason travels with the settings into the result's metadata
     meta = medcam.explain(model, x[:1], 1, **cal.settings()).metadata()
-    assert meta["layers_chosen_by"] == meta["method_chosen_by"] == f"calibrated: {cal.describe()}"
+    assert meta["layers_chosen_by"] == meta["method_chosen_by"] == cal.describe()
 
 
 def test_every_row_of_the_table_is_what_explain_gives():
@@ -91,10 +91,21 @@ def test_refusals_come_before_the_model_runs():
     x = torch.zeros(2, 1, 8, 8, 8)
     with pytest.raises(InputError, match="masks must be"):
         medcam.calibrate_layers(model, x, torch.ones(2, 8, 8, 4))
-    empty = torch.ones(2, 8, 8, 8, dtype=torch.bool)
-    empty[1] = False
+    masks = torch.zeros(2, 8, 8, 8)
+    masks[0, 2:4, 2:4, 2:4] = 1
     with pytest.raises(InputError, match="case 1 is empty"):
-        medcam.calibrate_layers(model, x, empty)
+        medcam.calibrate_layers(model, x, masks)
+    masks[1] = 1  # the whole image: the pointing game would say nothing
+    with pytest.raises(InputError, match="case 1 covers 100 % of the image"):
+        medcam.calibrate_layers(model, x, masks)
+    masks[1] = 0
+    masks[1, :2, :2, :2] = 2  # a second label: which one is the evidence?
+    with pytest.raises(InputError, match=r"several labels \(1, 2\)"):
+        medcam.calibrate_layers(model, x, masks.amax(0, keepdim=True).expand(2, -1, -1, -1))
+    with pytest.raises(InputError, match="channel axis"):
+        medcam.calibrate_layers(model, x[:, 0], x[:, 0])
+    with pytest.raises(InputError, match="perturbation method"):
+        medcam.calibrate_layers(model, x, masks, methods=["scorecam"])
     with pytest.raises(InputError, match="one mask per scan"):
         medcam.calibrate_scans(model, [x[0]], [])
 
@@ -146,7 +157,7 @@ def test_scans_are_scored_on_their_own_grid(tmp_path):
     shifted = tmp_path / "shifted.nii.gz"
     img = nib.load(rows[0][1])
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine + np.eye(4) * 0.5), shifted)
-    with pytest.raises(InputError, match="not on the grid of scan 0"):
+    with pytest.raises(InputError, match=r"scan 0 .* not on the scan.s grid: voxel size 2.5"):
         medcam.calibrate_scans(exploding_model(), [rows[0][0]], [shifted])
 
 
@@ -188,7 +199,7 @@ def test_cli_calibrate_then_explain_with_the_printed_flags(tmp_path):
     meta = json.loads(sidecar.read_text())["explanation"]
     assert meta["layers"] == record["layers"] and meta["method"] == record["method"]
     assert meta["layers_chosen_by"] == record["chosen_by"]
-    assert record["chosen_by"].startswith("calibrated: calibrated on 4 labelled cases")
+    assert record["chosen_by"].startswith("calibrated on 4 labelled cases: ")
     args = ["explain", str(rows[0][0]), "--out", str(tmp_path / "x"), *model]
     both = CliRunner().invoke(main, [*args, "--calibration", str(saved), "--layer", "deep"])
     assert both.exit_code == 2 and "not both" in both.output and not (tmp_path / "x").exists()
@@ -204,7 +215,7 @@ def test_cli_calibrate_refuses_a_bad_case_list(tmp_path):
     result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
     assert result.exit_code == 2 and "line 2: scan" in result.output
     result = CliRunner().invoke(main, ["layers", *model, "--save", str(tmp_path / "x.json")])
-    assert result.exit_code == 2 and "--save goes with --calibrate" in result.output
+    assert result.exit_code == 2 and "go with --calibrate" in result.output
 
 
 def test_a_saved_calibration_is_checked_when_read(tmp_path):
@@ -238,3 +249,74 @@ def test_bundle_handler_takes_a_calibration(tmp_path):
                                                                    "calibrated: x")  # fmt: skip
     with pytest.raises(MedcamError, match="not both"):
         CAMHandler(calibration=tmp_path / "calibration.json", layers=["deep"])
+
+
+def test_mask_values_methods_and_grids_users_bring(tmp_path):
+    """A resampled (interpolated) mask, a label image with --mask-label, only LayerCAM asked
+    for (the default's Grad-CAM is still scored), a mask on the same voxels stored flipped."""
+    model = lure_model(3)
+    x, masks = lure_cases(4, seed=5)
+    blurred = masks.float() * 0.9 + 1e-4  # interpolation noise around a binary mask
+    cal = medcam.calibrate_layers(model, x, blurred, 1, methods=["LayerCAM"])
+    assert cal.chosen.method == "layercam" and cal.default.method == "gradcam"
+    assert cal.pointing_game["best"] == 1.0
+    assert {row["method"] for row in cal.table} == {"layercam", "gradcam"}
+
+    rows = _write_cases(tmp_path, 4, seed=5)
+    # label images: 1 = the lure (an organ, say), 2 = the lesion
+    labelled = []
+    for i, (scan, mask) in enumerate(rows):
+        img = nib.load(mask)
+        data = np.asarray(img.dataobj).astype(np.uint8) * 2
+        data[np.asarray(nib.load(scan).dataobj) == np.float32(0.7)] = 1
+        path = tmp_path / f"labels{i}.nii.gz"
+        # stored with the first axis reversed: the same voxels, another array order
+        flipped = img.affine @ np.array([[-1, 0, 0, 15], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(data[::-1].copy(), flipped), path)
+        labelled.append(path)
+    scans = [r[0] for r in rows]
+    with pytest.raises(InputError, match="several labels"):
+        medcam.calibrate_scans(model, scans, labelled, 1, preprocess=lure_preprocess())
+    lesion = medcam.calibrate_scans(model, scans, labelled, 1, preprocess=lure_preprocess(),
+                                    label=2)  # fmt: skip
+    lure = medcam.calibrate_scans(model, scans, labelled, 1, preprocess=lure_preprocess(),
+                                  label=1)  # fmt: skip
+    assert lesion.chosen.layers in (("stem",), ("act",)) and lesion.pointing_game["best"] == 1
+    assert lure.chosen == lure.default and lure.pointing_game["default"] == 1.0  # the lure wins
+
+
+def test_cli_case_lists_as_spreadsheets_write_them(tmp_path):
+    rows = _write_cases(tmp_path, 4, seed=2)
+    model = ["--model", "tests.helpers:lure_model", "--preprocess", "tests.helpers:lure_preprocess"]
+    body = "".join(f"{s.name};{m.name}\r\n" + ("\r\n" if i == 1 else "")
+                   for i, (s, m) in enumerate(rows))  # fmt: skip
+    cases = tmp_path / "excel.csv"
+    cases.write_bytes(("\ufeffScan ; Mask\r\n" + body).encode("utf-8"))  # BOM, ';', blank line
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases), "--target",
+                                       "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 4 labelled cases" in result.output
+    lines = ["scan,mask", f"{rows[0][0].name},{rows[0][1].name}", "", f"{rows[1][0].name},"]
+    cases.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
+    assert result.exit_code == 2 and "line 4: the mask cell is empty" in result.output
+    lines[3] = lines[1]
+    cases.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
+    assert result.exit_code == 2 and "line 4 repeats line 2" in result.output
+
+
+def test_scores_equal_medcam_evaluate_in_any_memory_order():
+    """Calibration scores scan-sized maps in their memory order; the numbers must be those of
+    medcam.evaluate's pointing game and energy pointing game."""
+    from medcam.calibrate import _hits
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 3, 7, 6, 5, generator=g) - 0.2  # some negative mass
+    stored = maps.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)  # first axis fastest
+    masks = torch.rand(2, 7, 6, 5, generator=g) > 0.8
+    pg, energy = _hits(stored, masks)
+    for j in range(3):
+        assert pg[j].tolist() == ev.pointing_game(maps[:, j], masks, reduce=False)
+        expected = ev.energy_pointing_game(maps[:, j], masks, reduce=False)
+        assert energy[j].tolist() == pytest.approx(expected, rel=1e-5)

@@ -266,8 +266,8 @@ class Explainer:
         ``batch_size``.
     chosen_by:
         Why the named layers and method were chosen, recorded as ``layers_chosen_by`` /
-        ``method_chosen_by`` instead of ``"user"`` (e.g. ``"calibrated: ..."`` from
-        :class:`medcam.Calibration`); ``"auto"`` choices keep their own reasons.
+        ``method_chosen_by`` instead of ``"user"`` (e.g. :meth:`medcam.Calibration.describe`:
+        ``"calibrated on 8 labelled cases: ..."``); ``"auto"`` choices keep their own reasons.
     """
 
     def __init__(

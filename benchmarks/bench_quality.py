@@ -252,13 +252,15 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     # what a user with a few labelled cases gets: medcam.calibrate_layers on other inputs
     cx, cy, cm = task.make(4 * args.n_calib, seed=600_000)
     cx, cm = cx[cy == 1][: args.n_calib], cm[cy == 1][: args.n_calib]
+    t_cal = time.perf_counter()
     cal = medcam.calibrate_layers(model, cx, cm, target_for(arch))
-    calibration = {**cal.settings(), "how": cal.chosen.how, "chosen_by": cal.describe(),
-                   "n_cases": cal.n_cases, "fewer_cases": {}}  # fmt: skip
+    calibration = {**cal.chosen.settings(), "how": cal.chosen.how, "chosen_by": cal.describe(),
+                   "n_cases": cal.n_cases, "candidates": len(cal.table),
+                   "seconds": round(time.perf_counter() - t_cal, 2), "fewer_cases": {}}  # fmt: skip
     for n in (4, 8):  # the same with the first n of those cases: test PG only
         if n < len(cx):
             few = medcam.calibrate_layers(model, cx[:n], cm[:n], target_for(arch))
-            heat, _ = explain_all(model, arch, x, **few.settings())
+            heat, _ = explain_all(model, arch, x, **few.chosen.settings())
             calibration["fewer_cases"][str(n)] = ev.pointing_game(heat, masks, spatial_rank=rank)
     for name, kw in (
         ("last layer, gradcam (old default)", {"layers": "last", "method": "gradcam"}),
@@ -266,7 +268,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
             f"best single layer ({best_layer}, {best_method})",
             {"layers": best_layer, "method": best_method},
         ),
-        (f"calibrated on {cal.n_cases} labelled cases", cal.settings()),
+        (f"calibrated on {cal.n_cases} labelled cases", cal.chosen.settings()),
     ):
         heat, _ = explain_all(model, arch, x, **kw)
         rows.append(full_row(name, heat, x, masks, rank, fns, args, kw=kw, model=model, arch=arch))
@@ -453,7 +455,8 @@ def write_report(report: dict) -> None:
             f"{s['n']}, not below the default on {s['cal_not_worse']} of {s['n']}, energy PG "
             f"above the intensity baseline on {s['cal_energy_ok']}, deletion "
             f"{s['del_cal']:.3f}, insertion {s['ins_cal']:.3f}, mean |randomisation Spearman| "
-            f"{_f(s['rand_abs_cal'])}"
+            f"{_f(s['rand_abs_cal'])}, {s['cal_seconds'][0]:.1f}–{s['cal_seconds'][1]:.1f} s "
+            "per model"
             + "".join(
                 f"; with {n} cases mean PG {pg:.2f}, targets met by {ok}"
                 for n, (pg, ok) in s["fewer"].items()
@@ -580,6 +583,10 @@ def summarise(models: list[dict]) -> dict:
         "del_cal": float(np.mean([r["deletion"] for r in c])),
         "ins_cal": float(np.mean([r["insertion"] for r in c])),
         "rand_abs_cal": _nanmean([abs(_nan(r["randomisation"])) for r in c]),
+        "cal_seconds": [
+            min(m["calibration"]["seconds"] for m in models),
+            max(m["calibration"]["seconds"] for m in models),
+        ],
         "fewer": {
             n: (
                 float(np.mean([m["calibration"]["fewer_cases"][n] for m in models])),

@@ -452,8 +452,8 @@ class CAMHandler:
     calibration:
         A file saved by ``medcam layers --calibrate ... --save``: its layers, method and fusion
         replace ``layers`` / ``method`` / ``fusion`` (which must then be left at their
-        defaults), and its reason is recorded as ``layers_chosen_by``. Relative paths are
-        taken from ``bundle_root``.
+        defaults), and its reason is recorded as ``layers_chosen_by``; one made for other
+        weights is refused. Relative paths are taken from ``bundle_root``.
     formats:
         Output formats (see :func:`medcam.write_outputs`); DICOM formats need DICOM inputs.
     image_key:
@@ -524,6 +524,7 @@ class CAMHandler:
         self.normalize = normalize
         self.fusion = fusion
         self.chosen_by: str | None = None
+        self.calibration: Path | None = None
         if calibration is not None:
             from medcam.calibrate import load_calibration
 
@@ -535,7 +536,7 @@ class CAMHandler:
                 path = Path(bundle_root) / path
             c = load_calibration(path)
             self.layers, self.method, self.fusion = c["layers"], c["method"], c["fusion"]
-            self.chosen_by = c["chosen_by"]
+            self.chosen_by, self.calibration = c["chosen_by"], path
         self.forward_kwargs = forward_kwargs
         self.extra_keys = list(extra_keys)
         self.inferer = inferer
@@ -658,6 +659,10 @@ class CAMHandler:
         if preprocess is not None and not isinstance(preprocess, DictPreprocess):
             preprocess = DictPreprocess(preprocess, self.image_key)
         if self._explainer is None or self._explainer.model is not network:
+            if self.calibration is not None:  # made for these weights?
+                from medcam.calibrate import load_calibration
+
+                load_calibration(self.calibration, network)
             self._explainer = Explainer(network, self.layers, self.method, fusion=self.fusion,
                                         chosen_by=self.chosen_by)  # fmt: skip
         window = self._window(engine)

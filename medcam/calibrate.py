@@ -13,10 +13,10 @@ Every candidate is explained for every case: each target layer alone, the shape 
 :func:`medcam.engine.auto.auto_choice` (the default among them), each with every method in
 ``methods``. A candidate's score is its strict pointing game (ties: energy pointing game) over
 the cases; the best candidate wins, the default on a tie. Because the winner is chosen on the
-same cases it is scored on, its score is optimistic: with four or more cases, leave-one-out
-(choose on all cases but one, score the one left out, for each case) estimates how well
-choosing this way carries to new cases, and the best candidate replaces the default only when
-that estimate beats the default's pointing game.
+same cases it is scored on, its score is optimistic: leave-one-out (choose on all cases but
+one, score the one left out, for each case) estimates how well choosing this way carries to new
+cases, and the best candidate replaces the default only when that estimate beats the default's
+pointing game. With fewer than four cases there is no estimate and the default is kept.
 """
 
 from __future__ import annotations
@@ -110,10 +110,15 @@ class Calibration:
     energy: dict[str, float]
     cross_validated: dict[str, float] | None
     table: list[dict[str, Any]] = field(repr=False)
+    model: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
-        """The chosen candidate as :class:`medcam.Explainer` keyword arguments, with
-        ``chosen_by=describe()`` (what the results' metadata records)."""
+        """What to explain with, as :class:`medcam.Explainer` keyword arguments: the chosen
+        layers, method and fusion with ``chosen_by=describe()`` (what the results' metadata
+        records); ``layers="auto"``, ``method="auto"`` when the default was kept (so that it
+        keeps adapting to input sizes and sliding windows, and records its own rule)."""
+        if self.chosen == self.default:
+            return {"layers": "auto", "method": "auto", "fusion": None, "chosen_by": None}
         return {**self.chosen.settings(), "chosen_by": self.describe()}
 
     def record(self) -> dict[str, Any]:
@@ -121,6 +126,8 @@ class Calibration:
         :func:`load_calibration`)."""
         return {
             **self.settings(),
+            "calibration": self.describe(),
+            "model": self.model,
             "n_cases": self.n_cases,
             "pointing_game": self.pointing_game,
             "energy_pointing_game": self.energy,
@@ -134,19 +141,20 @@ class Calibration:
         pg, cv, best = self.pointing_game, self.cross_validated, self.best
         head = f"calibrated on {self.n_cases} labelled case{'s' * (self.n_cases != 1)}: "
         name = f"{best.method} @ {' + '.join(best.layers)}"
-        left_out = f"{cv['best']:.2f} on cases left out of the choice" if cv else ""
-        tail = "" if cv else "; fewer than 4 cases, so no leave-one-out estimate"
         if self.chosen != self.default:
-            est = f", {left_out}" if cv else ""
-            return (f"{head}{name}: pointing game {pg['best']:.2f} on these cases{est} "
-                    f"(default {pg['default']:.2f}){tail}")  # fmt: skip
-        if best != self.default:
-            return (f"{head}kept the default (pointing game {pg['default']:.2f}): the best "
-                    f"on these cases, {name} ({pg['best']:.2f}), scored {left_out}")  # fmt: skip
-        return (
-            f"{head}kept the default (pointing game {pg['default']:.2f}): no candidate did "
-            f"better{tail}"
-        )
+            return (f"{head}{name}: pointing game {pg['best']:.2f} on these cases, "
+                    f"{cv['best']:.2f} on cases left out of the choice (default "
+                    f"{pg['default']:.2f})")  # fmt: skip
+        if best == self.default:
+            return (f"{head}kept the default (pointing game {pg['default']:.2f}): no candidate "
+                    "did better")  # fmt: skip
+        if cv is None:
+            return (f"{head}kept the default (pointing game {pg['default']:.2f}): the best on "
+                    f"these cases, {name} ({pg['best']:.2f}), cannot be checked on cases left "
+                    "out with fewer than 4 cases")  # fmt: skip
+        return (f"{head}kept the default (pointing game {pg['default']:.2f}): the best on these "
+                f"cases, {name} ({pg['best']:.2f}), scored {cv['best']:.2f} on cases left out "
+                "of the choice")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ candidates
@@ -246,9 +254,26 @@ def _hits(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.
     # both in the maps' memory order (the scan grid is stored first axis fastest): no copy
     nd = maps.ndim - 2
     order = sorted(range(nd), key=lambda d: -maps.stride(2 + d))
+    stored = tuple(maps.shape[2 + d] for d in order)
     flat = maps.permute(0, 1, *[2 + d for d in order]).reshape(b, k, -1)
     inside = masks.permute(0, *[1 + d for d in order]).reshape(b, -1)
-    pg = inside.gather(1, flat.argmax(dim=2)).float().T.cpu()
+    peak = flat.amax(dim=2, keepdim=True)
+    pg = torch.zeros(k, b)
+    for i in range(b):
+        for j in range(k):
+            # the first maximum in C order, as medcam.evaluate takes it (ties: plateaus)
+            at = (flat[i, j] == peak[i, j]).nonzero()[:, 0]
+            if len(at) > 4096:  # a wide plateau (a constant map): find it in a C-order copy
+                first = int(maps[i, j].contiguous().reshape(-1).argmax())
+                pg[j, i] = float(masks[i].reshape(-1)[first])
+                continue
+            if len(at) > 1:
+                index = torch.stack(torch.unravel_index(at, stored))  # (nd, n) stored order
+                c_order = torch.zeros_like(at)
+                for d in range(nd):  # ravel in the maps' own axis order
+                    c_order = c_order * maps.shape[2 + d] + index[order.index(d)]
+                at = at[c_order.argmin()][None]
+            pg[j, i] = float(inside[i, at[0]])
     energy = torch.zeros(k, b)
     for i in range(b):
         where = inside[i].nonzero()[:, 0]
@@ -269,7 +294,7 @@ def _best(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -
     )
 
 
-def _calibration(pg, energy, cands) -> Calibration:
+def _calibration(pg, energy, cands, model: dict | None = None) -> Calibration:
     n = pg.shape[1]
     all_cases = range(n)
     chosen = _best(pg, energy, all_cases, cands)
@@ -280,7 +305,7 @@ def _calibration(pg, energy, cands) -> Calibration:
                 for i in all_cases]  # fmt: skip
         cv = {"best": float(sum(hits) / n), "default": float(pg[default].mean())}
     best = chosen
-    if cv is not None and cv["best"] <= cv["default"]:
+    if cv is None or cv["best"] <= cv["default"]:
         chosen = default  # the winner on these cases does not carry over better than the default
     order = sorted(
         range(len(cands)),
@@ -301,6 +326,7 @@ def _calibration(pg, energy, cands) -> Calibration:
         energy={"best": float(energy[best].mean()), "default": float(energy[default].mean())},
         cross_validated=cv,
         table=table,
+        model=model or {},
     )
 
 
@@ -321,14 +347,31 @@ def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
             )
 
 
-def _trace(model, x):
+def _trace(model, x, target):
+    """One forward pass: the layers, the output shape, and the target checked on it (one map
+    per case) before anything is explained."""
+    from medcam.engine.targets import as_target
+
     infos, out = trace_layers(model, x)
     if not isinstance(out, torch.Tensor):
         raise MedcamError(
             "Calibration needs a model whose output is one tensor of logits; wrap the model so "
             "that it returns the logits."
         )
+    with torch.no_grad():
+        classes = as_target(target)(out.detach())[1]
+    if classes.shape[1] != 1:
+        raise TargetError(
+            f"Calibration scores one map per case, but the target gives {classes.shape[1]}; "
+            "give one class (target=1, --target 1)."
+        )
     return infos, tuple(out.shape)
+
+
+def _identity(model, x) -> dict[str, Any]:
+    from medcam.writers.sidecar import model_identity
+
+    return {**model_identity(model), "input_shape": list(x.shape[1:])}
 
 
 # ------------------------------------------------------------------------------------- API
@@ -340,6 +383,7 @@ def calibrate_layers(
     *,
     methods: Sequence[str] = METHODS,
     batch_size: int = 8,
+    label: int | None = None,
 ) -> Calibration:
     """Choose layers and method by the pointing game on labelled model-space cases.
 
@@ -359,6 +403,9 @@ def calibrate_layers(
         scored).
     batch_size:
         Cases per forward / backward pass.
+    label:
+        Which value of the masks is the evidence (default: nonzero voxels of one-label masks,
+        ``>= 0.5`` of resampled ones; see :func:`medcam.io.mask.evidence`).
 
     Returns
     -------
@@ -385,10 +432,10 @@ def calibrate_layers(
             f"{tuple(x.shape)}, not {tuple(masks.shape)}; draw each mask on its input's "
             f"grid.{hint}"
         )
-    masks = torch.stack([evidence(m, None, f"The mask of case {i}") for i, m in enumerate(masks)])
+    masks = torch.stack([evidence(m, label, f"The mask of case {i}") for i, m in enumerate(masks)])
     _check_masks(list(masks), [f"case {i}" for i in range(len(masks))])
     device = model_device(model, x)
-    infos, out_shape = _trace(model, x[:1].to(device))
+    infos, out_shape = _trace(model, x[:1].to(device), target)
     cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods)
     explainers = _explainers(model, cands)
 
@@ -397,7 +444,7 @@ def calibrate_layers(
             yield x[i : i + batch_size], masks[i : i + batch_size], lambda maps: maps
 
     pg, energy = _score(cases(), explainers, target, cands)
-    return _calibration(pg, energy, cands)
+    return _calibration(pg, energy, cands, _identity(model, x))
 
 
 def calibrate_scans(
@@ -448,32 +495,43 @@ def calibrate_scans(
     methods = _check_methods(methods)
     if len(scans) != len(masks) or not scans:
         raise InputError(f"Give one mask per scan ({len(scans)} scans, {len(masks)} masks).")
-    loaded, grids = [], []
-    for i, (scan, mask) in enumerate(zip(scans, masks, strict=True)):
+    device = None
+
+    def load(i: int):
+        """Scan ``i`` and its model input (loaded again when used: one case in memory)."""
+        nonlocal device
+        scan = scans[i]
         if not isinstance(scan, Scan):
             try:
                 scan = load_scan(scan)
             except MedcamError as err:
                 raise type(err)(f"Scan {i} ({scan}): {err}") from err
+        device = device or model_device(model, scan.image)
+        return scan, preprocess_scan(scan, preprocess, device, expect)
+
+    # every check before the model runs: masks on their scans' grids, one input size
+    grids, shapes, first = [], {}, None
+    for i, mask in enumerate(masks):
+        scan, model_input = load(i)
         grids.append(mask_on_scan(mask, scan, label, what=f"The mask of scan {i}"))
-        loaded.append(scan)
-    _check_masks(grids, [f"scan {i} ({s.source or 'tensor'})" for i, s in enumerate(loaded)])
-    device = model_device(model, loaded[0].image)
-    inputs = [preprocess_scan(s, preprocess, device, expect) for s in loaded]
-    first = torch.as_tensor(_plain(inputs[0]))[None]
-    infos, out_shape = _trace(model, first)
-    shapes = {tuple(i.shape[1:]) for i in inputs}
+        _check_masks(grids[-1:], [f"scan {i} ({scan.source or 'tensor'})"])
+        shapes.setdefault(tuple(model_input.shape[1:]), i)
+        if first is None:
+            first = torch.as_tensor(_plain(model_input))[None]
     if len(shapes) > 1:
         raise InputError(
-            f"The preprocessing gives inputs of different sizes {sorted(shapes)}; layers are "
-            "chosen for one input size, so make the preprocessing give one (e.g. "
-            "ResizeWithPadOrCrop)."
+            "The preprocessing gives inputs of different sizes: "
+            + ", ".join(f"{list(s)} (scan {i})" for s, i in shapes.items())
+            + "; layers are chosen for one input size, so make the preprocessing give one "
+            "(e.g. ResizeWithPadOrCrop)."
         )
+    infos, out_shape = _trace(model, first, target)
     cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods)
     explainers = _explainers(model, cands)
 
     def cases() -> Iterator:
-        for scan, model_input, grid in zip(loaded, inputs, grids, strict=True):
+        for i, grid in enumerate(grids):
+            scan, model_input = load(i)
 
             def place(maps, scan=scan, model_input=model_input):
                 return invert_to_source(maps[0], model_input, preprocess, scan)[None]
@@ -481,22 +539,27 @@ def calibrate_scans(
             yield torch.as_tensor(_plain(model_input))[None], grid[None], place
 
     pg, energy = _score(cases(), explainers, target, cands)
-    return _calibration(pg, energy, cands)
+    return _calibration(pg, energy, cands, _identity(model, first))
 
 
 def _plain(t):
     return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
-def load_calibration(path: str | Any) -> dict[str, Any]:
+def load_calibration(path: str | Any, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Read a calibration saved by ``medcam layers --calibrate --save`` (or
     :meth:`Calibration.record`) as :class:`medcam.Explainer` keyword arguments ``{"layers",
-    "method", "fusion", "chosen_by"}``.
+    "method", "fusion", "chosen_by"}`` (``"auto"`` layers and method when the calibration kept
+    the default).
+
+    With ``model``, the calibration must have been made for these weights (the SHA-256 of the
+    state dict it records): layers chosen for one model say nothing about another.
 
     Raises
     ------
     InputError
-        A file that is not such a calibration (missing or malformed keys), naming what is wrong.
+        A file that is not such a calibration (missing or malformed keys), or one made for
+        another model, naming what is wrong.
     """
     import json
     from pathlib import Path
@@ -509,18 +572,32 @@ def load_calibration(path: str | Any) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise InputError(f"Cannot read the calibration {p}: {err}.") from err
     layers = record.get("layers") if isinstance(record, dict) else None
-    names_ok = isinstance(layers, list) and all(isinstance(n, str) and n for n in layers)
-    if not layers or not names_ok:
+    named = isinstance(layers, list) and all(isinstance(n, str) and n for n in layers)
+    if not (layers == "auto" or (layers and named)):
         raise InputError(
-            f"{p} is not a medcam calibration: it needs 'layers', a list of layer names "
-            "(write one with medcam layers --calibrate ... --save)."
+            f"{p} is not a medcam calibration: it needs 'layers', a list of layer names or "
+            "'auto' (write one with medcam layers --calibrate ... --save)."
         )
     method, fusion = record.get("method"), record.get("fusion")
-    if method not in KNOWN:
+    if method not in KNOWN and not (method == "auto" and layers == "auto"):
         raise InputError(f"{p}: unknown method {method!r}; one of {', '.join(KNOWN)}.")
-    if fusion not in (None, "mean", "product") or (fusion is None and len(layers) > 1):
+    several = isinstance(layers, list) and len(layers) > 1
+    if fusion not in (None, "mean", "product") or (fusion is None and several):
         raise InputError(f"{p}: fusion must be 'mean' or 'product' for several layers, not "
                          f"{fusion!r}.")  # fmt: skip
+    made_for = (record.get("model") or {}).get("state_dict_sha256")
+    if model is not None and made_for:
+        from medcam.writers.sidecar import model_identity
+
+        have = model_identity(model)["state_dict_sha256"]
+        if have != made_for:
+            raise InputError(
+                f"{p} was made for another model (weights SHA-256 {made_for[:12]}..., these are "
+                f"{have[:12]}...): the layers that localise depend on the weights. Calibrate "
+                "this model: medcam layers ... --calibrate cases.csv --save FILE."
+            )
     why = record.get("chosen_by")
-    why = why if isinstance(why, str) and why else f"calibration {p.name}"
+    why = why if isinstance(why, str) and why else None
+    if why is None and layers != "auto":
+        why = f"calibration {p.name}"
     return {"layers": layers, "method": method, "fusion": fusion, "chosen_by": why}

@@ -229,7 +229,7 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
                 device=device), layers_, method_, target, formats, normalize, fusion_,
                 parse_window(roi_size, sw_batch_size, overlap), study, series_uids, modalities,
                 series_description, store, store_to, ae_title, retrieve, move_port,
-                chosen_by)  # fmt: skip
+                chosen_by, calibration)  # fmt: skip
             return
         if study or series_uids or modalities or series_description or store or store_to:
             raise MedcamError("--study, --series, --modality, --series-description, --store and "
@@ -239,6 +239,7 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
             raise MedcamError("Give the output folder: --out DIR.")
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
+        _same_model(calibration, spec)
         layer_arg = list(layers_) if list(layers_) != ["auto"] else "auto"
         fmt = formats or "nifti,png,json"
         progress = _Progress(quiet, desc="cases", unit="case")
@@ -290,12 +291,22 @@ def _calibrated(calibration, layers, method, fusion):
     from medcam.calibrate import load_calibration
 
     c = load_calibration(calibration)
-    return c["layers"], c["method"], c["fusion"], c["chosen_by"]
+    layers = ("auto",) if c["layers"] == "auto" else c["layers"]
+    return layers, c["method"], c["fusion"], c["chosen_by"]
+
+
+def _same_model(calibration, spec) -> None:
+    """A ``--calibration`` made for other weights is refused once the model is loaded."""
+    if calibration:
+        from medcam.calibrate import load_calibration
+
+        load_calibration(calibration, spec.network)
 
 
 def _explain_remote(inputs, out, model_args, layers, method, target, formats, normalize, fusion,
                     window, study, series_uids, modalities, series_description, store, store_to,
-                    ae_title, retrieve, move_port, chosen_by=None) -> None:  # fmt: skip
+                    ae_title, retrieve, move_port, chosen_by=None,
+                    calibration=None) -> None:  # fmt: skip
     """``medcam explain dicomweb+http://... --study UID``: fetch, explain, store back."""
     from medcam.pipeline import Pipeline, explain_study
     from medcam.runner import load_model
@@ -321,6 +332,7 @@ def _explain_remote(inputs, out, model_args, layers, method, target, formats, no
     for sink in sinks:
         sink.check()
     spec = load_model(**model_args)
+    _same_model(calibration, spec)
     settings = _settings(layers, method, target, chosen, normalize, fusion, window, chosen_by)
     pipeline = Pipeline(spec, settings, sinks, log=click.echo)
     records = explain_study(source, study, pipeline, out=out, series_filter=series_filter)
@@ -398,6 +410,7 @@ def listen(store_to, ae_title, port, bind, allowed, state, quiet_period, max_ser
         sink.check()  # destination and credentials before the model is loaded
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
+        _same_model(calibration, spec)
         settings = _settings(layers_, method_, target, chosen, normalize, fusion_,
                              parse_window(roi_size, sw_batch_size, overlap), chosen_by)  # fmt: skip
         pipeline = Pipeline(spec, settings, [sink], log=log)
@@ -503,8 +516,14 @@ def _read_cases(path: str) -> list[tuple[Path, Path]]:
     import csv
 
     base = Path(path).parent
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        text = f.read()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise MedcamError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save "
+                          "it as CSV UTF-8 (Excel: 'CSV UTF-8').") from err  # fmt: skip
+    if "\x00" in text:
+        raise MedcamError(f"{path} holds NUL bytes: it is not a CSV text file.")
     first = text.splitlines()[0] if text.strip() else ""
     delimiter = max(",;\t", key=first.count)
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
@@ -551,8 +570,12 @@ def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, targe
             raise MedcamError(f"--save {save}: the folder {Path(save).parent} does not exist.")
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
+        if spec.inferer is not None:
+            click.echo("note: calibration explains the whole preprocessed input in one pass, "
+                       "not in the bundle's sliding windows", err=True)  # fmt: skip
         cal = calibrate_scans(spec.network, [c[0] for c in cases], [c[1] for c in cases],
-                              chosen_target, preprocess=spec.preprocess, label=label)  # fmt: skip
+                              chosen_target, preprocess=spec.preprocess, label=label,
+                              expect=spec.expect)  # fmt: skip
         click.echo(f"{'pointing game':>13s} {'energy':>7s}  candidate")
         for row in cal.table[:10]:
             fused = f" ({row['fusion']})" if row["fusion"] else ""
@@ -698,6 +721,7 @@ def cohort_run(manifest, out, bundle, model_spec, weights, preprocess, device, l
         layer_arg = list(layers_) if list(layers_) != ["auto"] else "auto"
         spec = load_model(bundle=bundle, model=model_spec, weights=weights,
                           preprocess=preprocess, device=device)  # fmt: skip
+        _same_model(calibration, spec)
         window = parse_window(roi_size, sw_batch_size, overlap)
         process = cohort_processor(spec, layers=layer_arg, method=method_, target=target,
                                    formats=fmt, normalize=normalize, fusion=fusion_,

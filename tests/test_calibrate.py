@@ -79,11 +79,18 @@ def test_the_default_is_kept_when_the_winner_does_not_carry_over():
     cal = _calibration(pg, torch.zeros_like(pg), _candidates())
     assert cal.chosen.layers == ("stem",)
     assert cal.cross_validated == {"best": 0.875, "default": 0.25}
-    # a tie goes to the default; with fewer than 4 cases there is no cross-validation
+    # a tie goes to the default
     pg = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.float32)
     cal = _calibration(pg, torch.tensor([[0.1] * 3, [0.9] * 3]), _candidates())
-    assert cal.chosen == cal.default and cal.cross_validated is None
-    assert "no leave-one-out estimate" in cal.describe()
+    assert cal.best == cal.chosen == cal.default and "no candidate did better" in cal.describe()
+    # with fewer than 4 cases nothing can be checked on cases left out: the default stays
+    pg = torch.tensor([[0, 0, 1], [1, 1, 1]], dtype=torch.float32)
+    cal = _calibration(pg, torch.zeros_like(pg), _candidates())
+    assert cal.best.layers == ("stem",) and cal.chosen == cal.default
+    assert cal.cross_validated is None and "fewer than 4 cases" in cal.describe()
+    # keeping the default means explaining with "auto" (its own rule, recorded as such)
+    assert cal.settings() == {"layers": "auto", "method": "auto", "fusion": None,
+                              "chosen_by": None}  # fmt: skip
 
 
 def test_refusals_come_before_the_model_runs():
@@ -313,10 +320,45 @@ def test_scores_equal_medcam_evaluate_in_any_memory_order():
 
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(2, 3, 7, 6, 5, generator=g) - 0.2  # some negative mass
+    maps[0, 1] = 0.0
+    maps[0, 1, 6, 0, 0] = maps[0, 1, 0, 5, 4] = 1.0  # a tie: C order and memory order differ
+    maps[1, 2] = 0.0  # a constant map: every voxel is a maximum
     stored = maps.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)  # first axis fastest
     masks = torch.rand(2, 7, 6, 5, generator=g) > 0.8
+    masks[0, 0, 5, 4] = True
+    masks[0, 6, 0, 0] = False  # medcam.evaluate takes (0, 5, 4), the first in C order: a hit
     pg, energy = _hits(stored, masks)
+    assert pg[1, 0] == 1.0
     for j in range(3):
         assert pg[j].tolist() == ev.pointing_game(maps[:, j], masks, reduce=False)
         expected = ev.energy_pointing_game(maps[:, j], masks, reduce=False)
         assert energy[j].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_calibration_is_refused_for_other_weights(tmp_path):
+    rows = _write_cases(tmp_path, 4, seed=1)
+    model = lure_model(3)
+    cal = medcam.calibrate_scans(model, [r[0] for r in rows], [r[1] for r in rows], 1,
+                                 preprocess=lure_preprocess())  # fmt: skip
+    saved = tmp_path / "calibration.json"
+    saved.write_text(json.dumps(cal.record()))
+    assert medcam.load_calibration(saved, model)["layers"] == list(cal.chosen.layers)
+    other = lure_model(3)
+    with torch.no_grad():
+        other.head.bias.fill_(0.1)  # retrained, say
+    with pytest.raises(InputError, match="made for another model"):
+        medcam.load_calibration(saved, other)
+    # the cohort runner takes it too, and every case records why these layers
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("case_id,input\n" + "".join(f"c{i},{s}\n" for i, (s, _) in
+                                                    enumerate(rows[:2])))  # fmt: skip
+    out = tmp_path / "cohort"
+    args = ["cohort", "run", "--manifest", str(manifest), "--out", str(out), "--model",
+            "tests.helpers:lure_model", "--preprocess", "tests.helpers:lure_preprocess",
+            "--target", "1", "--format", "nifti,json", "--calibration", str(saved)]  # fmt: skip
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0 and "2 done" in run.output, run.output
+    sidecars = [p for p in out.rglob("*.json") if p.name != "medcam.json"]
+    assert len(sidecars) == 2
+    for p in sidecars:
+        assert json.loads(p.read_text())["explanation"]["layers_chosen_by"] == cal.describe()

@@ -79,8 +79,9 @@ def mask_on_scan(mask: Any, scan: Scan, label: int | None = None, *, what: str =
                 "(medcam's array order, scan.image.shape[1:]); draw the mask on the scan's grid."
             )
         return evidence(m, label, what)
-    if not isinstance(mask, Scan) and _is_seg(mask):
-        values, affine_ras, source = _read_seg(Path(mask), label, what)
+    seg = None if isinstance(mask, Scan) else _seg_file(mask)
+    if seg is not None:
+        values, affine_ras, source = _read_seg(seg, label, what)
         label = None if label is None else 1  # the segment was selected while reading
     else:
         image = mask if isinstance(mask, Scan) else _load(mask, what)
@@ -90,6 +91,18 @@ def mask_on_scan(mask: Any, scan: Scan, label: int | None = None, *, what: str =
         data = image.image.as_tensor() if hasattr(image.image, "as_tensor") else image.image
         values, affine_ras, source = torch.as_tensor(data)[0], image.affine_ras, image.source
     what = f"{what} ({source})"
+    nd = len(scan.spatial_shape)
+    # a trailing one-voxel axis on one side only (a 2D picture as a one-slice volume, or the
+    # other way round) is the same grid; any other difference in rank is not
+    while values.ndim > nd and values.shape[-1] == 1:
+        values = values[..., 0]
+    while values.ndim < nd and scan.spatial_shape[values.ndim] == 1:
+        values = values[..., None]
+    if values.ndim != nd:
+        raise InputError(
+            f"{what} is {values.ndim}D {tuple(values.shape)}, the scan {nd}D "
+            f"{tuple(scan.spatial_shape)}: give a mask on the scan's own grid."
+        )
     placed = same_voxels(values[None].float(), affine_ras, scan)
     if placed is None:
         placed = _inside(values.float(), affine_ras, scan)
@@ -113,10 +126,7 @@ def _load(path: Any, what: str) -> Scan:
                          "or DICOM SEG on the scan's grid.") from err  # fmt: skip
 
 
-def _is_seg(path: Any) -> bool:
-    p = Path(str(path))
-    if not p.is_file():
-        return False
+def _is_seg(p: Path) -> bool:
     try:
         import pydicom
 
@@ -124,6 +134,16 @@ def _is_seg(path: Any) -> bool:
     except Exception:  # not DICOM
         return False
     return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def _seg_file(path: Any) -> Path | None:
+    """The DICOM SEG file ``path`` is (or the one file of a folder, as PACS exports keep a
+    series), else ``None``."""
+    p = Path(str(path))
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")]
+        p = files[0] if len(files) == 1 else p
+    return p if p.is_file() and _is_seg(p) else None
 
 
 def _read_seg(path: Path, label: int | None, what: str) -> tuple[torch.Tensor, np.ndarray, str]:
@@ -150,7 +170,7 @@ def _read_seg(path: Path, label: int | None, what: str) -> tuple[torch.Tensor, n
         raise InputError(f"{what} has no segment {number} (its segments: {numbers}).")
     try:
         volume = seg.get_volume(segment_numbers=[number], combine_segments=True, relabel=True)
-    except Exception as err:  # frames that are not one regularly spaced stack
+    except (RuntimeError, ValueError) as err:  # frames that are not one regularly spaced stack
         raise InputError(
             f"{what}: its frames do not form one regularly spaced volume ({err}); medcam reads "
             "SEGs of one stack of parallel slices."
@@ -178,7 +198,8 @@ def _inside(values: torch.Tensor, affine_ras: np.ndarray, scan: Scan) -> torch.T
     perm = np.zeros_like(r)
     for i, j in enumerate(axes):
         perm[i, j] = np.sign(r[i, j])
-    if np.abs(r - perm).max() > 0.01 or np.abs(offset - np.round(offset)).max() > 0.1:
+    extent = max(max(values.shape) - 1, 1)
+    if np.abs(r - perm).max() * extent > 0.1 or np.abs(offset - np.round(offset)).max() > 0.1:
         return None  # not the scan's voxels (another spacing, a rotation, a sub-voxel shift)
     moved = values.permute(*axes)
     flips = [i for i in range(nd) if perm[i, axes[i]] < 0]

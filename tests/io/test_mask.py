@@ -68,6 +68,11 @@ def test_a_dicom_seg_of_some_slices_lands_on_its_voxels(series, tmp_path):
     assert np.array_equal(mask_on_scan(two, scan, 2).numpy(), cyst)
     with pytest.raises(InputError, match=r"no segment 3 \(its segments: \[1, 2\]\)"):
         mask_on_scan(two, scan, 3)
+    # as a PACS or OHIF export keeps it: the SEG alone in its series folder
+    folder_of_one = tmp_path / "seg_series"
+    folder_of_one.mkdir()
+    (folder_of_one / "1.dcm").write_bytes(one.read_bytes())
+    assert np.array_equal(mask_on_scan(folder_of_one, scan).numpy(), lesion)
 
 
 def test_label_images_in_another_order_or_cropped_are_placed(tmp_path):
@@ -92,6 +97,11 @@ def test_label_images_in_another_order_or_cropped_are_placed(tmp_path):
     cropped = tmp_path / "crop.nii.gz"
     nib.save(nib.Nifti1Image(truth[1:6, 4:8, 0:4].copy(), crop), cropped)
     assert np.array_equal(mask_on_scan(cropped, scan).numpy(), truth.astype(bool))
+    # a crop stored with its first axis reversed: stored[i] = truth[5 - i] (scan voxels 5..1)
+    reversed_crop = crop @ np.array([[-1, 0, 0, 4], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    path = tmp_path / "crop_reversed.nii.gz"
+    nib.save(nib.Nifti1Image(truth[1:6, 4:8, 0:4][::-1].copy(), reversed_crop), path)
+    assert np.array_equal(mask_on_scan(path, scan).numpy(), truth.astype(bool))
     # refused: half a voxel off, reaching outside the scan, another voxel size
     for shift, match in (([1.0, 0, 0], "centre shifted"), ([-40.0, 0, 0], "centre shifted")):
         moved = crop.copy()
@@ -105,6 +115,16 @@ def test_label_images_in_another_order_or_cropped_are_placed(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((20, 8, 6), np.uint8), fine), tmp_path / "fine.nii.gz")
     with pytest.raises(InputError, match="voxel size 1 x 3 x 4 mm instead of the scan's 2"):
         mask_on_scan(tmp_path / "fine.nii.gz", scan)
+    # 1 % larger voxels: 0.18 voxel off at the far end of 10, refused as well
+    scaled = crop.copy()
+    scaled[:3, :3] *= 1.01
+    nib.save(nib.Nifti1Image(np.zeros((10, 8, 6), np.uint8), scaled), tmp_path / "scaled.nii.gz")
+    with pytest.raises(InputError, match="not on the scan's grid"):
+        mask_on_scan(tmp_path / "scaled.nii.gz", scan)
+    # another rank: a 2D mask for a volume
+    nib.save(nib.Nifti1Image(np.ones((10, 8), np.uint8), affine), tmp_path / "flat.nii.gz")
+    with pytest.raises(InputError, match=r"is 2D \(10, 8\), the scan 3D"):
+        mask_on_scan(tmp_path / "flat.nii.gz", scan)
 
 
 def test_which_voxels_are_the_evidence():

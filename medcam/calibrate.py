@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,9 +117,11 @@ class Calibration:
         """What to explain with, as :class:`medcam.Explainer` keyword arguments: the chosen
         layers, method and fusion with ``chosen_by=describe()`` (what the results' metadata
         records); ``layers="auto"``, ``method="auto"`` when the default was kept (so that it
-        keeps adapting to input sizes and sliding windows, and records its own rule)."""
+        keeps adapting to input sizes and sliding windows; its rule is recorded, followed by
+        the calibration's line)."""
         if self.chosen == self.default:
-            return {"layers": "auto", "method": "auto", "fusion": None, "chosen_by": None}
+            return {"layers": "auto", "method": "auto", "fusion": None,
+                    "chosen_by": self.describe()}  # fmt: skip
         return {**self.chosen.settings(), "chosen_by": self.describe()}
 
     def record(self) -> dict[str, Any]:
@@ -331,16 +334,17 @@ def _calibration(pg, energy, cands, model: dict | None = None) -> Calibration:
 
 
 def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
+    """Each mask has evidence and is not most of the image; ``what`` names each mask."""
     for mask, name in zip(masks, what, strict=True):
         if not bool(mask.any()):
             raise InputError(
-                f"The mask of {name} is empty. Calibration needs the evidence (e.g. the lesion) "
-                "drawn in every case; leave out cases without it."
+                f"{name} is empty. Calibration needs the evidence (e.g. the lesion) drawn in "
+                "every case; leave out cases without it."
             )
         share = float(mask.float().mean())
         if share > 0.5:
             raise InputError(
-                f"The mask of {name} covers {100 * share:.0f} % of the image: any map points "
+                f"{name} covers {100 * share:.0f} % of the image: any map points "
                 "inside it, so the pointing game would say nothing. Give the evidence (e.g. the "
                 "lesion), not the body or the scan itself (are scan and mask the right way "
                 "round?)."
@@ -433,7 +437,7 @@ def calibrate_layers(
             f"grid.{hint}"
         )
     masks = torch.stack([evidence(m, label, f"The mask of case {i}") for i, m in enumerate(masks)])
-    _check_masks(list(masks), [f"case {i}" for i in range(len(masks))])
+    _check_masks(list(masks), [f"The mask of case {i}" for i in range(len(masks))])
     device = model_device(model, x)
     infos, out_shape = _trace(model, x[:1].to(device), target)
     cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods)
@@ -457,6 +461,7 @@ def calibrate_scans(
     methods: Sequence[str] = METHODS,
     expect: Any = None,
     label: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> Calibration:
     """Choose layers and method by the pointing game on labelled scans.
 
@@ -483,6 +488,9 @@ def calibrate_scans(
     preprocess, expect:
         As in :func:`medcam.explain_scan`. The whole preprocessed input is explained in one
         forward pass (no sliding windows).
+    names:
+        How error messages name each case (default ``"case <i>"``, from 0; the command line
+        gives the CSV line).
 
     Returns
     -------
@@ -495,6 +503,7 @@ def calibrate_scans(
     methods = _check_methods(methods)
     if len(scans) != len(masks) or not scans:
         raise InputError(f"Give one mask per scan ({len(scans)} scans, {len(masks)} masks).")
+    names = list(names) if names is not None else [f"case {i}" for i in range(len(scans))]
     device = None
 
     def load(i: int):
@@ -505,7 +514,7 @@ def calibrate_scans(
             try:
                 scan = load_scan(scan)
             except MedcamError as err:
-                raise type(err)(f"Scan {i} ({scan}): {err}") from err
+                raise type(err)(f"{names[i]}: the scan {scan}: {err}") from err
         device = device or model_device(model, scan.image)
         return scan, preprocess_scan(scan, preprocess, device, expect)
 
@@ -513,15 +522,17 @@ def calibrate_scans(
     grids, shapes, first = [], {}, None
     for i, mask in enumerate(masks):
         scan, model_input = load(i)
-        grids.append(mask_on_scan(mask, scan, label, what=f"The mask of scan {i}"))
-        _check_masks(grids[-1:], [f"scan {i} ({scan.source or 'tensor'})"])
+        source = mask if isinstance(mask, (str, Path)) else type(mask).__name__
+        what = f"{names[i]}: the mask {source} (scan {scan.source or 'tensor'})"
+        grids.append(mask_on_scan(mask, scan, label, what=f"{names[i]}: the mask"))
+        _check_masks(grids[-1:], [what])
         shapes.setdefault(tuple(model_input.shape[1:]), i)
         if first is None:
             first = torch.as_tensor(_plain(model_input))[None]
     if len(shapes) > 1:
         raise InputError(
             "The preprocessing gives inputs of different sizes: "
-            + ", ".join(f"{list(s)} (scan {i})" for s, i in shapes.items())
+            + ", ".join(f"{list(s)} ({names[i]})" for s, i in shapes.items())
             + "; layers are chosen for one input size, so make the preprocessing give one "
             "(e.g. ResizeWithPadOrCrop)."
         )
@@ -562,7 +573,6 @@ def load_calibration(path: str | Any, model: torch.nn.Module | None = None) -> d
         another model, naming what is wrong.
     """
     import json
-    from pathlib import Path
 
     from medcam.engine.methods import METHODS as KNOWN
 
@@ -597,7 +607,5 @@ def load_calibration(path: str | Any, model: torch.nn.Module | None = None) -> d
                 "this model: medcam layers ... --calibrate cases.csv --save FILE."
             )
     why = record.get("chosen_by")
-    why = why if isinstance(why, str) and why else None
-    if why is None and layers != "auto":
-        why = f"calibration {p.name}"
+    why = why if isinstance(why, str) and why else f"calibration {p.name}"
     return {"layers": layers, "method": method, "fusion": fusion, "chosen_by": why}

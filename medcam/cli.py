@@ -510,9 +510,9 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     _run(work)
 
 
-def _read_cases(path: str) -> list[tuple[Path, Path]]:
+def _read_cases(path: str) -> list[tuple[Path, Path, int]]:
     """``scan, mask`` rows of a CSV (comma, semicolon or tab; Excel's UTF-8 BOM; header names
-    in any case), relative paths taken from the CSV's folder."""
+    in any case) with their line numbers, relative paths taken from the CSV's folder."""
     import csv
 
     base = Path(path).parent
@@ -550,7 +550,7 @@ def _read_cases(path: str) -> list[tuple[Path, Path]]:
         if key in seen:
             raise MedcamError(f"{path}, line {line} repeats line {seen[key]}.")
         seen[key] = line
-        cases.append((pair[0], pair[1]))
+        cases.append((pair[0], pair[1], line))
     if not cases:
         raise MedcamError(f"{path}: no cases (one row per case under the scan, mask header).")
     return cases
@@ -575,7 +575,8 @@ def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, targe
                        "not in the bundle's sliding windows", err=True)  # fmt: skip
         cal = calibrate_scans(spec.network, [c[0] for c in cases], [c[1] for c in cases],
                               chosen_target, preprocess=spec.preprocess, label=label,
-                              expect=spec.expect)  # fmt: skip
+                              expect=spec.expect,
+                              names=[f"{cases_csv}, line {c[2]}" for c in cases])  # fmt: skip
         click.echo(f"{'pointing game':>13s} {'energy':>7s}  candidate")
         for row in cal.table[:10]:
             fused = f" ({row['fusion']})" if row["fusion"] else ""
@@ -588,7 +589,9 @@ def _calibrate(bundle, model_spec, weights, preprocess, device, cases_csv, targe
             click.echo("use: the default (--layer auto --method auto)")
         if save:
             tmp = Path(save).with_name(f".{Path(save).name}.tmp")
-            tmp.write_text(json.dumps(cal.record(), indent=2))
+            record = {**cal.record(), "target": target, "mask_label": label,
+                      "cases": str(cases_csv)}  # fmt: skip
+            tmp.write_text(json.dumps(record, indent=2))
             os.replace(tmp, save)
             click.echo(f"saved {save}")
 

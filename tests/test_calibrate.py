@@ -88,9 +88,16 @@ def test_the_default_is_kept_when_the_winner_does_not_carry_over():
     cal = _calibration(pg, torch.zeros_like(pg), _candidates())
     assert cal.best.layers == ("stem",) and cal.chosen == cal.default
     assert cal.cross_validated is None and "fewer than 4 cases" in cal.describe()
-    # keeping the default means explaining with "auto" (its own rule, recorded as such)
+    # keeping the default means explaining with "auto": its rule, then the calibration's line
     assert cal.settings() == {"layers": "auto", "method": "auto", "fusion": None,
-                              "chosen_by": None}  # fmt: skip
+                              "chosen_by": cal.describe()}  # fmt: skip
+    model = lure_model(3)
+    x, masks = lure_cases(3)
+    kept = medcam.calibrate_layers(model, x, masks, 1)  # 3 cases: the default stays
+    meta = medcam.explain(model, x[:1], 1, **kept.settings()).metadata()
+    assert meta["layers_chosen_by"].startswith("auto: ")
+    assert meta["layers_chosen_by"].endswith(f" ({kept.describe()})")
+    assert meta["method_chosen_by"].endswith(f" ({kept.describe()})")
 
 
 def test_refusals_come_before_the_model_runs():
@@ -164,7 +171,7 @@ def test_scans_are_scored_on_their_own_grid(tmp_path):
     shifted = tmp_path / "shifted.nii.gz"
     img = nib.load(rows[0][1])
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine + np.eye(4) * 0.5), shifted)
-    with pytest.raises(InputError, match=r"scan 0 .* not on the scan.s grid: voxel size 2.5"):
+    with pytest.raises(InputError, match=r"case 0: the mask .* not on the scan.s grid: voxel size"):
         medcam.calibrate_scans(exploding_model(), [rows[0][0]], [shifted])
 
 
@@ -311,6 +318,14 @@ def test_cli_case_lists_as_spreadsheets_write_them(tmp_path):
     cases.write_text("\n".join(lines) + "\n")
     result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
     assert result.exit_code == 2 and "line 4 repeats line 2" in result.output
+    # a case's own problem is named by its line and its mask
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), nib.load(rows[0][1]).affine), empty)
+    lines[3] = f"{rows[1][0].name},{empty.name}"
+    cases.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["layers", *model, "--calibrate", str(cases)])
+    assert result.exit_code == 2, result.output
+    assert f"line 4: the mask {empty} (scan {rows[1][0]}) is empty" in result.output
 
 
 def test_scores_equal_medcam_evaluate_in_any_memory_order():

@@ -265,9 +265,10 @@ class Explainer:
         memory (one batch of copies exists at a time); Captum's name, pytorch-grad-cam's
         ``batch_size``.
     chosen_by:
-        Why the named layers and method were chosen, recorded as ``layers_chosen_by`` /
-        ``method_chosen_by`` instead of ``"user"`` (e.g. :meth:`medcam.Calibration.describe`:
-        ``"calibrated on 8 labelled cases: ..."``); ``"auto"`` choices keep their own reasons.
+        Why the layers and method were chosen, recorded as ``layers_chosen_by`` /
+        ``method_chosen_by`` instead of ``"user"`` for named ones (e.g.
+        :meth:`medcam.Calibration.describe`: ``"calibrated on 8 labelled cases: ..."``) and in
+        parentheses after the rule for ``"auto"`` ones (a calibration that kept the default).
     """
 
     def __init__(
@@ -389,8 +390,12 @@ class Explainer:
                 self._auto_cache[key] = AutoChoice([name], None, rule, {name: grid})
         plan = self._auto_cache[key]
         if self._auto == "last":
-            return list(plan.layers), self.fusion, f"last: {plan.rule}"
-        return list(plan.layers), self.fusion or plan.fusion, plan.chosen_by
+            return list(plan.layers), self.fusion, self._why(f"last: {plan.rule}")
+        return list(plan.layers), self.fusion or plan.fusion, self._why(plan.chosen_by)
+
+    def _why(self, rule: str) -> str:
+        """An automatic choice's reason, with ``chosen_by`` after it when given."""
+        return f"{rule} ({self.chosen_by})" if self.chosen_by else rule
 
     def __call__(
         self,
@@ -468,6 +473,7 @@ class Explainer:
             method_chosen_by = self.chosen_by or "user"
             if method is None:
                 auto_name, method_chosen_by = auto_method(tuple(logits.shape))
+                method_chosen_by = self._why(method_chosen_by)
                 method = get_method(auto_name)
             kept = capture.activations()
             modules = dict(self.model.named_modules())

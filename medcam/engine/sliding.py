@@ -554,6 +554,7 @@ def _explain_one(
     method_chosen_by = explainer.chosen_by or "user"
     if method is None:  # several windows: the output is dense (see auto_method)
         method, method_chosen_by = auto_method((1, 1, *x.shape[2:]))
+        method_chosen_by = explainer._why(method_chosen_by)
         explainer = copy.copy(explainer)
         explainer.method = get_method(method)
     if method not in ELEMENTWISE + GLOBAL_WEIGHTS + BLENDED:

@@ -81,7 +81,7 @@ def mask_on_scan(mask: Any, scan: Scan, label: int | None = None, *, what: str =
         return evidence(m, label, what)
     seg = None if isinstance(mask, Scan) else _seg_file(mask)
     if seg is not None:
-        values, affine_ras, source = _read_seg(seg, label, what)
+        values, affine_ras, source = _read_seg(seg, label, what, scan)
         label = None if label is None else 1  # the segment was selected while reading
     else:
         image = mask if isinstance(mask, Scan) else _load(mask, what)
@@ -146,9 +146,12 @@ def _seg_file(path: Any) -> Path | None:
     return p if p.is_file() and _is_seg(p) else None
 
 
-def _read_seg(path: Path, label: int | None, what: str) -> tuple[torch.Tensor, np.ndarray, str]:
+def _read_seg(
+    path: Path, label: int | None, what: str, scan: Scan
+) -> tuple[torch.Tensor, np.ndarray, str]:
     """``(values (*S), voxel -> RAS affine, source)`` of one segment of a DICOM SEG: binary,
-    1 inside the segment (``label`` is its segment number; needed when there are several)."""
+    1 inside the segment (``label`` is its segment number; needed when there are several).
+    A SEG of another patient, frame of reference or series than a DICOM ``scan`` is refused."""
     import highdicom as hd
 
     what = f"{what} ({path})"
@@ -158,6 +161,7 @@ def _read_seg(path: Path, label: int | None, what: str) -> tuple[torch.Tensor, n
         raise InputError(
             f"{what}: cannot read the DICOM SEG ({type(err).__name__}: {err})."
         ) from err
+    _same_study(seg, scan, what)
     numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
     if label is None and len(numbers) > 1:
         names = ", ".join(f"{s.SegmentNumber} ({s.SegmentLabel})" for s in seg.SegmentSequence)
@@ -215,3 +219,23 @@ def _inside(values: torch.Tensor, affine_ras: np.ndarray, scan: Scan) -> torch.T
     out = torch.zeros(tuple(scan.spatial_shape), dtype=values.dtype)
     out[tuple(slice(s, s + n) for s, n in zip(starts, moved.shape, strict=True))] = moved
     return out[None]
+
+
+def _same_study(seg: Any, scan: Scan, what: str) -> None:
+    """A SEG drawn on another patient, frame of reference or series than the DICOM ``scan`` is
+    refused (a swapped row in a case list): the geometry alone may well agree."""
+    if not scan.datasets:
+        return  # a NIfTI / picture scan: only the grid can be compared
+    ds = scan.datasets[0]
+    checks = [("patient", "PatientID"), ("frame of reference", "FrameOfReferenceUID")]
+    referenced = [str(item.get("SeriesInstanceUID", ""))
+                  for item in seg.get("ReferencedSeriesSequence", [])]  # fmt: skip
+    series = str(ds.get("SeriesInstanceUID", ""))
+    for name, keyword in checks:
+        theirs, ours = str(seg.get(keyword, "")), str(ds.get(keyword, ""))
+        if theirs and ours and theirs != ours:
+            raise InputError(f"{what} belongs to another {name} than its scan ({theirs} vs "
+                             f"{ours}): is the case list's row right?")  # fmt: skip
+    if referenced and series and series not in referenced:
+        raise InputError(f"{what} was drawn on series {', '.join(referenced)}, not on its scan's "
+                         f"series {series}: is the case list's row right?")  # fmt: skip

@@ -73,6 +73,12 @@ def test_a_dicom_seg_of_some_slices_lands_on_its_voxels(series, tmp_path):
     folder_of_one.mkdir()
     (folder_of_one / "1.dcm").write_bytes(one.read_bytes())
     assert np.array_equal(mask_on_scan(folder_of_one, scan).numpy(), lesion)
+    # the same grid, another patient's series (a swapped row in a case list): refused
+    other = tmp_path / "other_ct"
+    g = Geometry((24, 20, 10), (2.0, 2.0, 3.0), (-20.0, -20.0, 0.0))
+    write_dicom_series(torso_phantom(g, noise_hu=0), g, other, patient_id="SOMEONE-ELSE")
+    with pytest.raises(InputError, match="belongs to another patient than its scan"):
+        mask_on_scan(one, medcam.load_scan(other))
 
 
 def test_label_images_in_another_order_or_cropped_are_placed(tmp_path):

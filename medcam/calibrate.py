@@ -9,7 +9,8 @@ measure instead of trusting it:
 - :func:`calibrate_scans`: scans and masks on the scans' grids, through the model's
   preprocessing; every candidate map is put back on the scan grid before it is scored.
 
-Every candidate is explained for every case: each target layer alone, the shape rules of
+Every candidate is explained for every case: each target layer alone (a container and the
+child whose output it returns are one candidate), the shape rules of
 :func:`medcam.engine.auto.auto_choice` (the default among them), each with every method in
 ``methods``. A candidate's score is its strict pointing game (ties: energy pointing game) over
 the cases; the best candidate wins, the default on a tie. Because the winner is chosen on the
@@ -181,7 +182,42 @@ def _explainers(model, cands: list[Candidate]) -> dict[str, Explainer]:
     return {m: Explainer(model, names, m) for m in dict.fromkeys(c.method for c in cands)}
 
 
-def _candidates(infos, spatial, out_shape, methods: Sequence[str]) -> list[Candidate]:
+def _aliases(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, list]:
+    """``{layer: [inner layers returning the very same tensor]}``: a container and the child
+    whose output it returns (``layer1`` and ``layer1.0``, a Sequential and its last module)
+    give the same map with every method, so only the outermost is a candidate."""
+    from medcam.engine.layers import eval_mode
+
+    modules = dict(model.named_modules())
+    seen: dict[int, list[str]] = {}
+    keep: list = []  # the outputs stay alive during the pass, so their ids stay unique
+
+    def hook(name):
+        def record(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                keep.append(output)
+                seen.setdefault(id(output), []).append(name)
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), eval_mode(model, True):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, list] = {}
+    for group in seen.values():
+        group = sorted(set(group), key=len)
+        outer = group[0]
+        inner = [n for n in group[1:] if n.startswith(outer + ".")]
+        if inner:
+            out[outer] = inner
+    return out
+
+
+def _candidates(infos, spatial, out_shape, methods: Sequence[str], aliases=None) -> list[Candidate]:
     default = auto_choice(infos, spatial, out_shape)
     default_method = auto_method(out_shape)[0]
     found: dict[tuple, Candidate] = {}
@@ -199,9 +235,12 @@ def _candidates(infos, spatial, out_shape, methods: Sequence[str]) -> list[Candi
             except LayerError:
                 continue
             add(ch.layers, ch.fusion, method, f"rule: {rule}")
+        inner = {n for group in (aliases or {}).values() for n in group}
         for info in infos:
-            if info.is_candidate and info.output_shape != out_shape:
-                add([info.name], None, method, "layer")
+            if info.is_candidate and info.output_shape != out_shape and info.name not in inner:
+                same = (aliases or {}).get(info.name)
+                add([info.name], None, method,
+                    f"layer (same output: {', '.join(same)})" if same else "layer")  # fmt: skip
     return list(found.values())
 
 
@@ -440,7 +479,8 @@ def calibrate_layers(
     _check_masks(list(masks), [f"The mask of case {i}" for i in range(len(masks))])
     device = model_device(model, x)
     infos, out_shape = _trace(model, x[:1].to(device), target)
-    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods)
+    aliases = _aliases(model, x[:1].to(device), [i.name for i in infos if i.is_candidate])
+    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases)
     explainers = _explainers(model, cands)
 
     def cases():
@@ -537,7 +577,8 @@ def calibrate_scans(
             "(e.g. ResizeWithPadOrCrop)."
         )
     infos, out_shape = _trace(model, first, target)
-    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods)
+    aliases = _aliases(model, first, [i.name for i in infos if i.is_candidate])
+    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases)
     explainers = _explainers(model, cands)
 
     def cases() -> Iterator:

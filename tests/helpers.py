@@ -114,6 +114,8 @@ def lure_cases(n: int, dims: int = 3, size: int = 16, seed: int = 0):
     lesion outside it; the masks mark the lesion."""
     import torch
 
+    if size < 10:
+        raise ValueError("lure_cases needs size >= 10: room for the lesion beside the lure")
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, 1, *(size,) * dims)
     masks = torch.zeros(n, *(size,) * dims, dtype=torch.bool)

@@ -377,3 +377,23 @@ def test_a_calibration_is_refused_for_other_weights(tmp_path):
     assert len(sidecars) == 2
     for p in sidecars:
         assert json.loads(p.read_text())["explanation"]["layers_chosen_by"] == cal.describe()
+
+
+def test_a_container_and_the_child_it_returns_are_one_candidate():
+    """`block` returns `block.1`'s tensor: one map whatever the method, so one row, named by
+    the container; a sibling that is not returned stays its own candidate."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    model = nn.Sequential(OrderedDict(
+        block=nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU()),
+        down=nn.AvgPool3d(2),
+        deep=nn.Conv3d(2, 2, 1),
+        pool=nn.AdaptiveAvgPool3d(1), flat=nn.Flatten(), head=nn.Linear(2, 2),
+    ))  # fmt: skip
+    x, masks = lure_cases(4)
+    cal = medcam.calibrate_layers(model, x, masks, 1, methods=["gradcam"])
+    singles = {row["layers"][0]: row["how"] for row in cal.table if row["how"].startswith("layer")}
+    assert singles["block"] == "layer (same output: block.1)"
+    assert "block.1" not in singles and "block.0" in singles

@@ -235,3 +235,35 @@ def test_the_handler_turns_an_unforeseen_failure_into_a_medcam_error(
     logging(engine)
     assert [f["input"] for f in logging.failed] == [str(scan)] and not logging.written
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_bundle_run_with_a_calibration(tmp_path, phantom_cases):
+    """configs/medcam.json's `calibration`: the file's layers and method are explained and its
+    line is recorded in every sidecar; one made for other weights stops the run."""
+    import json
+
+    from medcam.runner import load_model
+    from medcam.writers.sidecar import model_identity
+
+    folder, _, _ = phantom_cases
+    network = load_model(bundle=ROOT / "examples" / "bundles" / "classify3d").network
+    why = "calibrated on 4 labelled cases: hirescam @ class_layers.relu: (test)"
+    record = {"layers": ["class_layers.relu"], "method": "hirescam", "fusion": None,
+              "chosen_by": why, "model": model_identity(network)}  # fmt: skip
+    saved = tmp_path / "calibration.json"
+    saved.write_text(json.dumps(record))
+    out = tmp_path / "out"
+    _run_bundle("classify3d", folder, out, "--medcam#target", "1",
+                "--medcam#calibration", str(saved))  # fmt: skip
+    sidecars = list((out / "medcam").glob("*/*.json"))
+    assert len(sidecars) == 2
+    for sidecar in sidecars:
+        explanation = json.loads(sidecar.read_text())["explanation"]
+        assert explanation["layers"] == ["class_layers.relu"]
+        assert explanation["method"] == "hirescam"
+        assert explanation["layers_chosen_by"] == explanation["method_chosen_by"] == why
+    record["model"]["state_dict_sha256"] = "0" * 64
+    saved.write_text(json.dumps(record))
+    with pytest.raises(AssertionError, match="made for another model"):
+        _run_bundle("classify3d", folder, tmp_path / "other", "--medcam#target", "1",
+                    "--medcam#calibration", str(saved))  # fmt: skip

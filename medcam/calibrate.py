@@ -265,12 +265,7 @@ def _score(
     for x, masks, place in cases:
         raw = {}
         for method, explainer in explainers.items():
-            result = explainer(x, target, upsample_to_input=False)
-            if result.classes.shape[1] != 1:
-                raise TargetError(
-                    f"Calibration scores one map per case, but the target gives "
-                    f"{result.classes.shape[1]}; give one class (target=1, --target 1)."
-                )
+            result = explainer(x, target, upsample_to_input=False)  # one map: see _trace
             raw[method] = {name: m.detach() for name, m in result.raw.items()}
         spatial = tuple(x.shape[2:])
         case_pg = torch.empty(len(cands), len(x))
@@ -325,21 +320,29 @@ def _hits(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pg, energy
 
 
-def _best(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -> int:
-    """Index of the best candidate on ``cases``: pointing game, then the default, then energy."""
+def _ranking(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -> list[int]:
+    """Candidate indices, best first on ``cases``: pointing game, then the default, then
+    energy (ties keep the candidates' order)."""
     idx = torch.as_tensor(list(cases))
     mean_pg = pg[:, idx].mean(dim=1).tolist()
     mean_en = energy[:, idx].mean(dim=1).tolist()
-    return max(
+    return sorted(
         range(len(cands)),
         key=lambda i: (round(mean_pg[i], 9), cands[i].how == "default", mean_en[i]),
+        reverse=True,
     )
+
+
+def _best(pg: torch.Tensor, energy: torch.Tensor, cases: Sequence[int], cands) -> int:
+    """Index of the best candidate on ``cases`` (see :func:`_ranking`)."""
+    return _ranking(pg, energy, cases, cands)[0]
 
 
 def _calibration(pg, energy, cands, model: dict | None = None) -> Calibration:
     n = pg.shape[1]
     all_cases = range(n)
-    chosen = _best(pg, energy, all_cases, cands)
+    order = _ranking(pg, energy, all_cases, cands)
+    chosen = order[0]
     default = next(i for i, c in enumerate(cands) if c.how == "default")
     cv = None
     if n >= 4:  # leave one out: choose on the other cases, score on the one left out
@@ -349,11 +352,6 @@ def _calibration(pg, energy, cands, model: dict | None = None) -> Calibration:
     best = chosen
     if cv is None or cv["best"] <= cv["default"]:
         chosen = default  # the winner on these cases does not carry over better than the default
-    order = sorted(
-        range(len(cands)),
-        key=lambda i: (-round(float(pg[i].mean()), 9), cands[i].how != "default",
-                       -float(energy[i].mean())),
-    )  # fmt: skip
     table = [
         {**cands[i].settings(), "how": cands[i].how,
          "pointing_game": float(pg[i].mean()), "energy": float(energy[i].mean())}

@@ -107,7 +107,6 @@ def mask_on_scan(mask: Any, scan: Scan, label: int | None = None, *, what: str =
     if placed is None:
         placed = _inside(values.float(), affine_ras, scan)
     if placed is None:
-        nd = len(scan.spatial_shape)
         diff = grid_differences(_affine_nd(affine_ras, nd), _affine_nd(scan.affine_ras, nd),
                                 tuple(values.shape), tuple(scan.spatial_shape))  # fmt: skip
         raise InputError(

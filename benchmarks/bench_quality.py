@@ -46,7 +46,7 @@ import quality_zoo as zoo
 
 import medcam
 from medcam import evaluate as ev
-from medcam.engine.auto import auto_choice, auto_method
+from medcam.engine.auto import auto_choice, auto_method, flattened_head
 from medcam.engine.layers import list_layers
 from medcam.engine.postprocess import fuse_maps, upsample
 
@@ -203,7 +203,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     with torch.no_grad():
         out_shape = tuple(model(x[:1]).shape)
     default = auto_choice(infos, spatial, out_shape)
-    method = auto_method(out_shape)[0]  # what method="auto" uses for this model
+    method = auto_method(out_shape, flattened_head(model, infos, out_shape))[0]  # method="auto"
     names = [i.name for i in infos if i.is_candidate and i.output_shape != out_shape]
     grids = {i.name: list(i.feature_shape) for i in infos if i.name in names}
 
@@ -230,7 +230,14 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     if args.dump_raw:  # for exploring further rules offline
         Path(args.dump_raw).mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"raw": raw, "masks": masks, "infos": infos, "out_shape": out_shape},
+            {
+                "raw": raw,
+                "masks": masks,
+                "infos": infos,
+                "out_shape": out_shape,
+                "method": method,
+                "held_out": arch.held_out or task.held_out,
+            },
             Path(args.dump_raw) / f"{arch_name}-{task_name}.pt",
         )
     fns = score_fns(model, arch, x)
@@ -667,8 +674,9 @@ def main() -> None:
     report = {
         "default_rule": "product fusion of the deepest layer of every resolution stage, from the "
         "deepest feature layer back to the deepest layer whose grid is at least 1/4 of the input "
-        "per axis (the deepest layer alone when it is that fine); Grad-CAM for classifiers, "
-        "LayerCAM for segmentation outputs",
+        "per axis (the deepest layer alone when it is that fine); Grad-CAM for classifiers "
+        "(HiResCAM when the linear layer reads the flattened feature map), LayerCAM for "
+        "segmentation outputs",
         "n_test": args.n_test,
         "n_curve": args.n_curve,
         "curve_steps": args.curve_steps,

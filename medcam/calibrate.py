@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcam.engine.auto import auto_choice, auto_method
+from medcam.engine.auto import auto_choice, auto_method, flattened_head
 from medcam.engine.core import Explainer
 from medcam.engine.layers import model_device, trace_layers
 from medcam.engine.postprocess import fuse_maps, upsample
@@ -217,9 +217,11 @@ def _aliases(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
     return out
 
 
-def _candidates(infos, spatial, out_shape, methods: Sequence[str], aliases=None) -> list[Candidate]:
+def _candidates(
+    infos, spatial, out_shape, methods: Sequence[str], aliases=None, head: str | None = None
+) -> list[Candidate]:
     default = auto_choice(infos, spatial, out_shape)
-    default_method = auto_method(out_shape)[0]
+    default_method = auto_method(out_shape, head)[0]  # what method="auto" uses
     found: dict[tuple, Candidate] = {}
 
     def add(layers, fusion, method, how):
@@ -478,7 +480,8 @@ def calibrate_layers(
     device = model_device(model, x)
     infos, out_shape = _trace(model, x[:1].to(device), target)
     aliases = _aliases(model, x[:1].to(device), [i.name for i in infos if i.is_candidate])
-    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases)
+    head = flattened_head(model, infos, out_shape)
+    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases, head)
     explainers = _explainers(model, cands)
 
     def cases():
@@ -576,7 +579,8 @@ def calibrate_scans(
         )
     infos, out_shape = _trace(model, first, target)
     aliases = _aliases(model, first, [i.name for i in infos if i.is_candidate])
-    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases)
+    head = flattened_head(model, infos, out_shape)
+    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases, head)
     explainers = _explainers(model, cands)
 
     def cases() -> Iterator:

@@ -191,8 +191,9 @@ def _pacs_options(f):
               help="Target layer name (repeat for several), auto (the default rule: see "
               "`medcam layers`) or last (the deepest feature layer alone).")  # fmt: skip
 @click.option("--method", default="auto", show_default=True,
-              help="auto (Grad-CAM for classifiers, LayerCAM for segmenters), gradcam, "
-              "gradcam++, hirescam, xgradcam, layercam, cam.")  # fmt: skip
+              help="auto (Grad-CAM for classifiers, HiResCAM for flatten + linear heads, "
+              "LayerCAM for segmenters), gradcam, gradcam++, hirescam, xgradcam, layercam, "
+              "cam.")  # fmt: skip
 @click.option("--target", default="pred", show_default=True,
               help="pred, all, a class index, 1,2 or seg:1 (segmentation class).")  # fmt: skip
 @click.option("--format", "formats", default=None, help=FORMATS_HELP + " Default: nifti,png,json; "
@@ -464,7 +465,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     if save or label is not None:
         raise click.UsageError("--save and --mask-label go with --calibrate.")
 
-    from medcam.engine.auto import auto_choice, auto_method
+    from medcam.engine.auto import auto_choice, auto_method, flattened_head
     from medcam.engine.layers import check_hookable, model_device, trace_layers
     from medcam.errors import LayerError
     from medcam.runner import load_model, parse_size
@@ -503,7 +504,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
         click.echo(f"  why: {choice.rule}")
         if out_shape is not None:
-            why_method = auto_method(out_shape)[1].removeprefix("auto: ")
+            head = flattened_head(spec.network, infos, out_shape)
+            why_method = auto_method(out_shape, head)[1].removeprefix("auto: ")
             click.echo(f"  method (--method auto): {why_method}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 

@@ -136,3 +136,13 @@ def lure_preprocess():
     from monai.transforms import Compose, Orientation, SpatialPad
 
     return Compose([Orientation("LPS", labels=None), SpatialPad((20, 20, 20))])
+
+
+def flatten_classifier():
+    """MONAI's ``Classifier`` for 1 x 32^3 inputs: strided residual units, then flatten +
+    linear (no global pooling), a head for which ``method="auto"`` picks HiResCAM."""
+    import torch
+    from monai.networks.nets import Classifier
+
+    torch.manual_seed(0)
+    return Classifier((1, 32, 32, 32), 2, channels=(4, 8), strides=(2, 2), num_res_units=1)

@@ -15,16 +15,22 @@ The rule works on the output shapes of one cheap, no-grad shape pass (:func:`tra
    (geometric mean of the peak-scaled maps): the deep layers know *what* the class is, the
    fine ones *where*; the product keeps what all of them agree on, a compact spot.
 
-:func:`auto_method` picks the method for ``method="auto"``: Grad-CAM for classifiers, LayerCAM
-for segmentation outputs. Both choices come from ``benchmarks/bench_quality.py`` (several
-architectures and tasks, with a held-out set); see ``docs/engine.md``, "Choosing a layer".
+:func:`auto_method` picks the method for ``method="auto"``: Grad-CAM for classifiers (HiResCAM
+when the classifier's linear layer reads the flattened feature map, :func:`flattened_head`),
+LayerCAM for segmentation outputs. The layer rule and the Grad-CAM / LayerCAM choice come from
+``benchmarks/bench_quality.py`` (several architectures and tasks, with a held-out set); the
+HiResCAM case from what HiResCAM guarantees for such heads. See ``docs/engine.md``, "Choosing a
+layer".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+
+from torch import nn
 
 from medcam.engine.layers import LayerInfo
 from medcam.engine.postprocess import Fusion
@@ -37,6 +43,7 @@ __all__ = [
     "auto_choice",
     "auto_method",
     "candidates",
+    "flattened_head",
 ]
 
 DEFAULT_MIN_FRACTION = Fraction(1, 4)
@@ -284,17 +291,66 @@ def _grids(layers: Sequence[LayerInfo]) -> dict[str, tuple[int, ...]]:
     return {i.name: tuple(i.feature_shape) for i in layers}
 
 
-def auto_method(model_output_shape: tuple[int, ...]) -> tuple[str, str]:
+def flattened_head(
+    model: nn.Module, infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None
+) -> str | None:
+    """The ``nn.Linear`` that reads the deepest feature map flattened, if the model has one.
+
+    A classifier whose head is ``flatten + linear`` (MONAI ``Classifier`` / ``Regressor``, many
+    hand-written 2D CNNs) has no global pooling: each voxel of the deepest feature map has its
+    own weight. Found from the shape pass: the first ``nn.Linear`` run after the deepest
+    candidate layer takes ``C * prod(grid)`` inputs, the whole ``(C, *grid)`` map, on a grid of
+    more than one voxel.
+
+    Returns
+    -------
+    str or None
+        The linear layer's name, or ``None`` (global pooling, a convolutional head, no linear
+        layer, or a segmentation output).
+    """
+    if model_output_shape is None or len(model_output_shape) != 2:
+        return None
+    cands = candidates(infos, model_output_shape)
+    if not cands or cands[-1].output_shape is None:
+        return None
+    deep = cands[-1]
+    if math.prod(deep.feature_shape or (1,)) <= 1:
+        return None
+    modules = dict(model.named_modules())
+    later = infos[infos.index(deep) + 1 :]
+    linear = next((i.name for i in later if isinstance(modules.get(i.name), nn.Linear)), None)
+    if linear is None or modules[linear].in_features != math.prod(deep.output_shape[1:]):
+        return None
+    return linear
+
+
+def auto_method(
+    model_output_shape: tuple[int, ...], flattened: str | None = None
+) -> tuple[str, str]:
     """The method ``method="auto"`` uses for a model output shape, and why.
 
     Classifier outputs ``(B, classes)`` get Grad-CAM. Segmentation outputs ``(B, C, *spatial)``
     get LayerCAM: Grad-CAM averages each channel's gradient over the whole volume, which on a
     segmentation network smears the evidence of a small structure over everything the channel
     responds to (on the benchmark's UNet its pointing game was 0.00, LayerCAM's 1.00).
+
+    A classifier whose head reads the flattened feature map (``flattened``: the linear layer's
+    name, from :func:`flattened_head`) gets HiResCAM: there the gradient of the score is a
+    different weight at every voxel, and Grad-CAM's spatial average discards where the model
+    looked. HiResCAM multiplies activation and gradient voxel by voxel, which for a single
+    linear layer on the flattened map is exactly each voxel's contribution to the score
+    (Draelos & Carin 2020). With global pooling the deepest layer's gradient is the same at
+    every voxel, and Grad-CAM and HiResCAM agree there.
     """
     if len(model_output_shape) > 2:
         return "layercam", (
             "auto: segmentation output (B, C, *spatial): LayerCAM (element-wise gradient "
             "weights; Grad-CAM's volume-averaged weights smear a small structure)"
+        )
+    if flattened:
+        return "hirescam", (
+            f"auto: classifier output (B, classes) whose {flattened} reads the flattened feature "
+            "map (no global pooling): HiResCAM (each voxel has its own weight; Grad-CAM's "
+            "spatially averaged gradient would discard where the model looked)"
         )
     return "gradcam", "auto: classifier output (B, classes): Grad-CAM"

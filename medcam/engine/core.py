@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcam.engine.auto import AutoChoice, auto_choice, auto_method
+from medcam.engine.auto import AutoChoice, auto_choice, auto_method, flattened_head
 from medcam.engine.inputs import ModelInputs, model_dtype
 from medcam.engine.layers import (
     ActivationCapture,
     At,
+    LayerInfo,
     auto_layer,
     check_feature_map,
     check_hookable,
@@ -36,7 +37,7 @@ from medcam.engine.layers import (
     resolve_layers,
     trace_layers,
 )
-from medcam.engine.methods import MethodContext, get_method
+from medcam.engine.methods import CAMMethod, MethodContext, get_method
 from medcam.engine.perturbation import Perturbation
 from medcam.engine.postprocess import Fusion, Normalization, fuse_maps, normalize_maps, upsample
 from medcam.engine.reshape import Layout, ReshapeSpec, model_grids, resolve_layout
@@ -226,7 +227,8 @@ class Explainer:
         earlier default), a module name such as ``"features.denseblock4"``, a module object,
         or a list of these.
     method:
-        ``"auto"`` (default: Grad-CAM for classifiers, LayerCAM for segmentation outputs, see
+        ``"auto"`` (default: Grad-CAM for classifiers, HiResCAM for classifiers whose linear layer
+        reads the flattened feature map, LayerCAM for segmentation outputs, see
         :func:`medcam.engine.auto.auto_method`; recorded in ``metadata()["method_chosen_by"]``),
         ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"layercam"``,
         ``"cam"``, or the gradient-free ``"scorecam"`` and ``"ablationcam"`` (see
@@ -311,6 +313,7 @@ class Explainer:
         self._auto = modes[0] if modes else None
         self._layers = [] if self._auto else resolve_layers(model, list(layers))
         self._auto_cache: dict[tuple[int, ...], AutoChoice] = {}
+        self._traces: dict[tuple[int, ...], tuple[list[LayerInfo], tuple[int, ...]]] = {}
         self._at = self._per_layer("at", at, ("output", "input"))
         self._reshape = self._per_layer("reshape", reshape, None)
         if isinstance(perturbations_per_eval, bool) or not (
@@ -379,8 +382,7 @@ class Explainer:
             return list(self._layers), self.fusion, self.chosen_by or "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
-            infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
-            logits_shape = tuple(select_output(out, self.output).shape)
+            infos, logits_shape = self._shape_pass(x, inputs)
             if self._auto == "auto":
                 self._auto_cache[key] = auto_choice(infos, tuple(x.shape[2:]), logits_shape)
             else:
@@ -392,6 +394,29 @@ class Explainer:
         if self._auto == "last":
             return list(plan.layers), self.fusion, self._why(f"last: {plan.rule}")
         return list(plan.layers), self.fusion or plan.fusion, self._why(plan.chosen_by)
+
+    def _shape_pass(
+        self, x: torch.Tensor, inputs: ModelInputs | None
+    ) -> tuple[list[LayerInfo], tuple[int, ...]]:
+        """The :func:`trace_layers` pass for ``x``'s shape (run once per shape): every module's
+        output shape and the model output's."""
+        key = tuple(x.shape[1:])
+        if key not in self._traces:
+            infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
+            self._traces[key] = (infos, tuple(select_output(out, self.output).shape))
+        return self._traces[key]
+
+    def _auto_method(
+        self, x: torch.Tensor, inputs: ModelInputs, logits: torch.Tensor
+    ) -> tuple[CAMMethod, str]:
+        """``method="auto"`` for this model and input (see :func:`auto_method`); a classifier's
+        head is looked up in the shape pass (shared with ``layers="auto"``)."""
+        flattened = None
+        if logits.ndim == 2:
+            infos, shape = self._shape_pass(x, inputs)
+            flattened = flattened_head(self.model, infos, shape)
+        name, why = auto_method(tuple(logits.shape), flattened)
+        return get_method(name), self._why(why)
 
     def _why(self, rule: str) -> str:
         """An automatic choice's reason, with ``chosen_by`` after it when given."""
@@ -470,11 +495,6 @@ class Explainer:
             logits = select_output(inputs(self.model), self.output)
             scores, classes = target_fn(logits)
             _check_scores(scores)
-            method_chosen_by = self.chosen_by or "user"
-            if method is None:
-                auto_name, method_chosen_by = auto_method(tuple(logits.shape))
-                method_chosen_by = self._why(method_chosen_by)
-                method = get_method(auto_name)
             kept = capture.activations()
             modules = dict(self.model.named_modules())
             hints = model_grids(self.model, spatial)
@@ -489,12 +509,15 @@ class Explainer:
                 acts.append(a_cf)
             grads: list[torch.Tensor | None] = [None] * len(acts)
             batched = False
-            if method.needs_gradients:
+            if method is None or method.needs_gradients:  # every "auto" method needs them
                 raw_grads, batched = _backward(scores, kept, names, self.batched, x)
                 grads = [
                     _reshaped_gradient(n, g, layout)
                     for n, g, layout in zip(names, raw_grads, layouts, strict=True)
                 ]
+        method_chosen_by = self.chosen_by or "user"
+        if method is None:  # after the capture: a classifier's head may need the shape pass
+            method, method_chosen_by = self._auto_method(x, inputs, logits)
         fc_weight = (
             _final_linear_weight(self.model, self.fc_layer) if method.name == "cam" else None
         )

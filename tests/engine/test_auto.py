@@ -254,3 +254,99 @@ def test_sliding_windows_resolve_the_auto_method():
     assert meta["method_chosen_by"].startswith("auto: segmentation output")
     assert meta["layers_chosen_by"].startswith("auto: ") and auto.layers == ["model.1"]
     torch.testing.assert_close(auto.heatmap, named.heatmap)
+
+
+class _FlattenHead(nn.Module):
+    """2x2 average pooling as a stride-2 conv, then ``flatten + linear`` on the 4x4 grid: the
+    class-1 weight is 1 on cell ``lesion`` and 0.1 on every other cell."""
+
+    def __init__(self, lesion: int, functional_flatten: bool = False):
+        super().__init__()
+        self.features = nn.Conv2d(1, 1, 2, stride=2, bias=False)
+        self.fc = nn.Linear(16, 2, bias=False)
+        self.functional_flatten = functional_flatten
+        with torch.no_grad():
+            self.features.weight.fill_(0.25)
+            self.fc.weight.zero_()
+            self.fc.weight[1] = 0.1
+            self.fc.weight[1, lesion] = 1.0
+        self.flatten = nn.Flatten()
+
+    def forward(self, x):
+        a = self.features(x)
+        return self.fc(a.reshape(len(a), -1) if self.functional_flatten else self.flatten(a))
+
+
+@pytest.mark.parametrize("functional_flatten", [False, True])
+def test_a_flatten_linear_head_gets_hirescam(functional_flatten):
+    # Known answer: on the 4x4 feature grid A (the input averaged over 2x2 cells) the score is
+    # sum(W * A) with W = 1 on the lesion cell and 0.1 elsewhere, and a brighter distractor
+    # sits elsewhere. Each cell's share of the score is W * A, largest on the lesion (1 * 1 vs
+    # 0.1 * 3); Grad-CAM's weight is mean(W), so its map is A itself and peaks on the
+    # distractor.
+    lesion, distractor = 5, 14  # cells (1, 1) and (3, 2)
+    net = _FlattenHead(lesion, functional_flatten).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2:4, 2:4] = 1.0
+    x[0, 0, 6:8, 4:6] = 3.0
+    auto = medcam.explain(net, x, 1, upsample_to_input=False)
+    assert auto.method == "hirescam"
+    why = auto.metadata()["method_chosen_by"]
+    assert why.startswith("auto: classifier output") and "fc reads the flattened" in why
+    share = (net.fc.weight[1].reshape(4, 4) * net.features(x)[0, 0]).detach()
+    torch.testing.assert_close(auto.raw["features"][0, 0], share.clamp_min(0))
+    assert int(auto.raw["features"][0, 0].flatten().argmax()) == lesion
+    gradcam = medcam.explain(net, x, 1, method="gradcam", upsample_to_input=False)
+    assert int(gradcam.raw["features"][0, 0].flatten().argmax()) == distractor
+    # named layers with method="auto": the head decides the method, not the layer choice
+    named = medcam.explain(net, x, 1, layers="features", upsample_to_input=False)
+    assert named.method == "hirescam"
+    torch.testing.assert_close(named.raw["features"], auto.raw["features"])
+
+
+def test_heads_with_global_pooling_keep_gradcam():
+    from medcam.engine.auto import flattened_head
+
+    class PoolThenMLP(nn.Module):  # global pooling, then two linear layers
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(self.conv(x).mean(dim=(2, 3))))
+
+    class ConvHead(nn.Module):  # no linear layer: 1x1 conv, then mean over the grid
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x)).mean(dim=(2, 3))
+
+    x = torch.randn(2, 1, 16, 16)
+    for net in (PoolThenMLP(), ConvHead(), resnet18(spatial_dims=2, n_input_channels=1,
+                                                    num_classes=3)):  # fmt: skip
+        infos, out = trace_layers(net.eval(), x)
+        assert flattened_head(net, infos, tuple(out.shape)) is None
+        assert medcam.explain(net, x).method == "gradcam"
+
+
+def test_monai_classifier_gets_hirescam_everywhere():
+    from click.testing import CliRunner
+
+    from medcam.cli import main
+    from tests.helpers import flatten_classifier
+
+    net = flatten_classifier().eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    result = medcam.explain(net, x, 1)
+    assert (
+        result.method == "hirescam"
+        and "final.1 reads the flattened" in (result.metadata()["method_chosen_by"])
+    )
+    torch.testing.assert_close(result.heatmap, medcam.explain(net, x, 1, method="hirescam").heatmap)
+    out = CliRunner().invoke(main, ["layers", "--model", "tests.helpers:flatten_classifier",
+                                    "--input-size", "32,32,32"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "method (--method auto): classifier output (B, classes) whose final.1" in out.output

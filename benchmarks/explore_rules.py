@@ -169,7 +169,8 @@ def flag(models: dict[str, dict]) -> list[str]:
         lines.append(f"| {key} | {hit.mean():.2f} | {peak.mean():.2f} | {auroc(peak, hit):.2f} |")
     pooled = auroc(np.concatenate(scores), np.concatenate(hits))
     return [
-        f"Pooled over every input of the fused models: AUROC {pooled:.2f}.",
+        f"Pooled over every input of the fused models: AUROC {pooled:.2f}. `nan`: every test "
+        "input of that model is a hit (or every one a miss), so there is nothing to separate.",
         "",
         "| model | PG default | mean fused peak | AUROC (per input) |",
         "| --- | ---: | ---: | ---: |",

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcam.engine.auto import auto_choice, auto_method, flattened_head
+from medcam.engine.auto import FlattenedHead, auto_choice, auto_method
 from medcam.engine.core import Explainer
 from medcam.engine.layers import model_device, trace_layers
 from medcam.engine.postprocess import fuse_maps, upsample
@@ -391,11 +391,13 @@ def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
 
 
 def _trace(model, x, target):
-    """One forward pass: the layers, the output shape, and the target checked on it (one map
-    per case) before anything is explained."""
+    """One forward pass: the layers, the output shape, the linear layer that reads a flattened
+    feature map (or ``None``; see :class:`FlattenedHead`), and the target checked on it (one
+    map per case) before anything is explained."""
     from medcam.engine.targets import as_target
 
-    infos, out = trace_layers(model, x)
+    with FlattenedHead(model) as head:
+        infos, out = trace_layers(model, x)
     if not isinstance(out, torch.Tensor):
         raise MedcamError(
             "Calibration needs a model whose output is one tensor of logits; wrap the model so "
@@ -408,7 +410,7 @@ def _trace(model, x, target):
             f"Calibration scores one map per case, but the target gives {classes.shape[1]}; "
             "give one class (target=1, --target 1)."
         )
-    return infos, tuple(out.shape)
+    return infos, tuple(out.shape), head.found
 
 
 def _identity(model, x) -> dict[str, Any]:
@@ -478,9 +480,8 @@ def calibrate_layers(
     masks = torch.stack([evidence(m, label, f"The mask of case {i}") for i, m in enumerate(masks)])
     _check_masks(list(masks), [f"The mask of case {i}" for i in range(len(masks))])
     device = model_device(model, x)
-    infos, out_shape = _trace(model, x[:1].to(device), target)
+    infos, out_shape, head = _trace(model, x[:1].to(device), target)
     aliases = _aliases(model, x[:1].to(device), [i.name for i in infos if i.is_candidate])
-    head = flattened_head(model, infos, out_shape)
     cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases, head)
     explainers = _explainers(model, cands)
 
@@ -577,9 +578,8 @@ def calibrate_scans(
             + "; layers are chosen for one input size, so make the preprocessing give one "
             "(e.g. ResizeWithPadOrCrop)."
         )
-    infos, out_shape = _trace(model, first, target)
+    infos, out_shape, head = _trace(model, first, target)
     aliases = _aliases(model, first, [i.name for i in infos if i.is_candidate])
-    head = flattened_head(model, infos, out_shape)
     cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases, head)
     explainers = _explainers(model, cands)
 

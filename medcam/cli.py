@@ -465,7 +465,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     if save or label is not None:
         raise click.UsageError("--save and --mask-label go with --calibrate.")
 
-    from medcam.engine.auto import auto_choice, auto_method, flattened_head
+    from medcam.engine.auto import FlattenedHead, auto_choice, auto_method
     from medcam.engine.layers import check_hookable, model_device, trace_layers
     from medcam.errors import LayerError
     from medcam.runner import load_model, parse_size
@@ -481,7 +481,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
             raise MedcamError("Give --input-size (e.g. 96,96,96); the model does not say it.")
         x = torch.zeros(1, *shape, device=device)
         check_hookable(spec.network)
-        infos, out = trace_layers(spec.network, x.to(model_device(spec.network, x)))
+        with FlattenedHead(spec.network) as head:
+            infos, out = trace_layers(spec.network, x.to(model_device(spec.network, x)))
         out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         try:
             choice = auto_choice(infos, shape[1:], out_shape)
@@ -504,8 +505,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
         click.echo(f"  why: {choice.rule}")
         if out_shape is not None:
-            head = flattened_head(spec.network, infos, out_shape)
-            why_method = auto_method(out_shape, head)[1].removeprefix("auto: ")
+            why_method = auto_method(out_shape, head.found)[1].removeprefix("auto: ")
             click.echo(f"  method (--method auto): {why_method}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 

@@ -4,7 +4,9 @@ The rule works on the output shapes of one cheap, no-grad shape pass (:func:`tra
 
 1. **Candidates** are the modules whose output is a feature map ``(B, C, *spatial)`` with more
    than one voxel, that run once per forward pass, and whose output is not shaped like the
-   model output (a segmentation head and what follows it are skipped).
+   model output (a segmentation head and what follows it are skipped). Attention weights and
+   stacked queries/keys/values inside a transformer block look like maps and are not
+   (:attr:`LayerInfo.not_a_map`).
 2. **Deep layer**: the last candidate in execution order (what ``layers="last"`` explains).
    Its feature grid is often tiny: 3x3x3 for a 3D DenseNet121 at 96^3, 1/32 of the input.
 3. **Fine layer**: the last candidate whose grid is at least 1/4 of the input along every
@@ -16,7 +18,7 @@ The rule works on the output shapes of one cheap, no-grad shape pass (:func:`tra
    fine ones *where*; the product keeps what all of them agree on, a compact spot.
 
 :func:`auto_method` picks the method for ``method="auto"``: Grad-CAM for classifiers (HiResCAM
-when the classifier's linear layer reads the flattened feature map, :func:`flattened_head`),
+when the classifier's linear layer reads the flattened feature map, :class:`FlattenedHead`),
 LayerCAM for segmentation outputs. The layer rule and the Grad-CAM / LayerCAM choice come from
 ``benchmarks/bench_quality.py`` (several architectures and tasks, with a held-out set); the
 HiResCAM case from what HiResCAM guarantees for such heads. See ``docs/engine.md``, "Choosing a
@@ -26,10 +28,12 @@ layer".
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import torch
 from torch import nn
 
 from medcam.engine.layers import LayerInfo
@@ -40,10 +44,10 @@ __all__ = [
     "DEFAULT_FUSION",
     "DEFAULT_MIN_FRACTION",
     "AutoChoice",
+    "FlattenedHead",
     "auto_choice",
     "auto_method",
     "candidates",
-    "flattened_head",
 ]
 
 DEFAULT_MIN_FRACTION = Fraction(1, 4)
@@ -291,37 +295,59 @@ def _grids(layers: Sequence[LayerInfo]) -> dict[str, tuple[int, ...]]:
     return {i.name: tuple(i.feature_shape) for i in layers}
 
 
-def flattened_head(
-    model: nn.Module, infos: Sequence[LayerInfo], model_output_shape: tuple[int, ...] | None
-) -> str | None:
-    """The ``nn.Linear`` that reads the deepest feature map flattened, if the model has one.
+class FlattenedHead:
+    """Watches one forward pass for an ``nn.Linear`` that reads a flattened feature map.
 
-    A classifier whose head is ``flatten + linear`` (MONAI ``Classifier`` / ``Regressor``, many
-    hand-written 2D CNNs) has no global pooling: each voxel of the deepest feature map has its
-    own weight. Found from the shape pass: the first ``nn.Linear`` run after the deepest
-    candidate layer takes ``C * prod(grid)`` inputs, the whole ``(C, *grid)`` map, on a grid of
-    more than one voxel.
+    A classifier whose head is ``flatten + linear`` (MONAI ``Classifier`` / ``Regressor``,
+    VGG-style ``AdaptiveAvgPool(k > 1) + flatten + MLP``) has no global pooling: each voxel of
+    the map it flattens has its own weight. The probe puts a forward pre-hook on every
+    ``nn.Linear``; a call whose ``(B, F)`` input is a view of a ``(B, C, *grid)`` tensor with
+    ``F == C * prod(grid)`` and more than one grid voxel (``nn.Flatten``, ``.view``,
+    ``.flatten(1)``, ``.reshape`` of a contiguous map: the same storage, not a coincidence of
+    sizes) is such a head. A flatten that copies (a channels-last map) is not seen.
 
-    Returns
-    -------
-    str or None
-        The linear layer's name, or ``None`` (global pooling, a convolutional head, no linear
-        layer, or a segmentation output).
+    Use as a context manager around the forward pass; ``found`` is the first such layer's name
+    (in call order) or ``None``. Hooks are removed on exit; only the calling thread is watched.
     """
-    if model_output_shape is None or len(model_output_shape) != 2:
-        return None
-    cands = candidates(infos, model_output_shape)
-    if not cands or cands[-1].output_shape is None:
-        return None
-    deep = cands[-1]
-    if math.prod(deep.feature_shape or (1,)) <= 1:
-        return None
-    modules = dict(model.named_modules())
-    later = infos[infos.index(deep) + 1 :]
-    linear = next((i.name for i in later if isinstance(modules.get(i.name), nn.Linear)), None)
-    if linear is None or modules[linear].in_features != math.prod(deep.output_shape[1:]):
-        return None
-    return linear
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.found: str | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> FlattenedHead:
+        thread = threading.get_ident()
+
+        def make_hook(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                if self.found is None and threading.get_ident() == thread and args:
+                    if _reads_flattened_map(args[0]):
+                        self.found = name
+
+            return hook
+
+        self._handles = [
+            m.register_forward_pre_hook(make_hook(n))
+            for n, m in self.model.named_modules()
+            if isinstance(m, nn.Linear)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _reads_flattened_map(x: object) -> bool:
+    """True when ``x`` is ``(B, F)``, a view of a ``(B, C, *grid)`` map holding all of it, with
+    a grid of more than one voxel."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        return False
+    base = x._base  # the tensor a view was made from (None when x owns its storage)
+    if base is None or base.ndim < 4 or base.shape[0] != x.shape[0]:
+        return False
+    return math.prod(base.shape[2:]) > 1 and x.shape[1] == math.prod(base.shape[1:])
 
 
 def auto_method(
@@ -335,7 +361,7 @@ def auto_method(
     responds to (on the benchmark's UNet its pointing game was 0.00, LayerCAM's 1.00).
 
     A classifier whose head reads the flattened feature map (``flattened``: the linear layer's
-    name, from :func:`flattened_head`) gets HiResCAM: there the gradient of the score is a
+    name, from :class:`FlattenedHead`) gets HiResCAM: there the gradient of the score is a
     different weight at every voxel, and Grad-CAM's spatial average discards where the model
     looked. HiResCAM multiplies activation and gradient voxel by voxel, which for a single
     linear layer on the flattened map is exactly each voxel's contribution to the score

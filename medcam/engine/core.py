@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcam.engine.auto import AutoChoice, auto_choice, auto_method, flattened_head
+from medcam.engine.auto import AutoChoice, FlattenedHead, auto_choice, auto_method
 from medcam.engine.inputs import ModelInputs, model_dtype
 from medcam.engine.layers import (
     ActivationCapture,
     At,
-    LayerInfo,
     auto_layer,
     check_feature_map,
     check_hookable,
@@ -37,7 +36,7 @@ from medcam.engine.layers import (
     resolve_layers,
     trace_layers,
 )
-from medcam.engine.methods import CAMMethod, MethodContext, get_method
+from medcam.engine.methods import MethodContext, get_method
 from medcam.engine.perturbation import Perturbation
 from medcam.engine.postprocess import Fusion, Normalization, fuse_maps, normalize_maps, upsample
 from medcam.engine.reshape import Layout, ReshapeSpec, model_grids, resolve_layout
@@ -313,7 +312,6 @@ class Explainer:
         self._auto = modes[0] if modes else None
         self._layers = [] if self._auto else resolve_layers(model, list(layers))
         self._auto_cache: dict[tuple[int, ...], AutoChoice] = {}
-        self._traces: dict[tuple[int, ...], tuple[list[LayerInfo], tuple[int, ...]]] = {}
         self._at = self._per_layer("at", at, ("output", "input"))
         self._reshape = self._per_layer("reshape", reshape, None)
         if isinstance(perturbations_per_eval, bool) or not (
@@ -382,7 +380,8 @@ class Explainer:
             return list(self._layers), self.fusion, self.chosen_by or "user"
         key = tuple(x.shape[1:])
         if key not in self._auto_cache:
-            infos, logits_shape = self._shape_pass(x, inputs)
+            infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
+            logits_shape = tuple(select_output(out, self.output).shape)
             if self._auto == "auto":
                 self._auto_cache[key] = auto_choice(infos, tuple(x.shape[2:]), logits_shape)
             else:
@@ -394,29 +393,6 @@ class Explainer:
         if self._auto == "last":
             return list(plan.layers), self.fusion, self._why(f"last: {plan.rule}")
         return list(plan.layers), self.fusion or plan.fusion, self._why(plan.chosen_by)
-
-    def _shape_pass(
-        self, x: torch.Tensor, inputs: ModelInputs | None
-    ) -> tuple[list[LayerInfo], tuple[int, ...]]:
-        """The :func:`trace_layers` pass for ``x``'s shape (run once per shape): every module's
-        output shape and the model output's."""
-        key = tuple(x.shape[1:])
-        if key not in self._traces:
-            infos, out = trace_layers(self.model, x, eval=self.eval, inputs=inputs)
-            self._traces[key] = (infos, tuple(select_output(out, self.output).shape))
-        return self._traces[key]
-
-    def _auto_method(
-        self, x: torch.Tensor, inputs: ModelInputs, logits: torch.Tensor
-    ) -> tuple[CAMMethod, str]:
-        """``method="auto"`` for this model and input (see :func:`auto_method`); a classifier's
-        head is looked up in the shape pass (shared with ``layers="auto"``)."""
-        flattened = None
-        if logits.ndim == 2:
-            infos, shape = self._shape_pass(x, inputs)
-            flattened = flattened_head(self.model, infos, shape)
-        name, why = auto_method(tuple(logits.shape), flattened)
-        return get_method(name), self._why(why)
 
     def _why(self, rule: str) -> str:
         """An automatic choice's reason, with ``chosen_by`` after it when given."""
@@ -492,7 +468,11 @@ class Explainer:
                     at=at,
                 )
             )
-            logits = select_output(inputs(self.model), self.output)
+            # method="auto": a classifier whose linear layer reads the flattened feature map
+            # gets HiResCAM; the probe watches this forward pass for one (no extra pass)
+            head = stack.enter_context(FlattenedHead(self.model)) if method is None else None
+            output = inputs(self.model)
+            logits = select_output(output, self.output)
             scores, classes = target_fn(logits)
             _check_scores(scores)
             kept = capture.activations()
@@ -516,8 +496,13 @@ class Explainer:
                     for n, g, layout in zip(names, raw_grads, layouts, strict=True)
                 ]
         method_chosen_by = self.chosen_by or "user"
-        if method is None:  # after the capture: a classifier's head may need the shape pass
-            method, method_chosen_by = self._auto_method(x, inputs, logits)
+        if method is None:
+            # a head is only trusted when the model returns one tensor: with several outputs the
+            # linear layer seen may feed another one
+            flattened = head.found if isinstance(output, torch.Tensor) else None
+            auto_name, method_chosen_by = auto_method(tuple(logits.shape), flattened)
+            method_chosen_by = self._why(method_chosen_by)
+            method = get_method(auto_name)
         fc_weight = (
             _final_linear_weight(self.model, self.fc_layer) if method.name == "cam" else None
         )

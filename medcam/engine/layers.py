@@ -52,6 +52,9 @@ class LayerInfo:
         is not part of it).
     prefix_tokens:
         For tokens: how many tokens precede the patch tokens (1 for a class token).
+    not_a_map:
+        Why an output shaped like ``(B, C, *spatial)`` is not a feature map (attention weights
+        or stacked queries/keys/values inside a transformer block), else ``None``.
     """
 
     name: str
@@ -62,11 +65,14 @@ class LayerInfo:
     layout: str | None = None
     grid: tuple[int, ...] | None = None
     prefix_tokens: int = 0
+    not_a_map: str | None = None
 
     @property
     def feature_shape(self) -> tuple[int, ...] | None:
         """Spatial shape of the output feature map (channel-first or channel-last), or ``None``
         when the output is not a feature map (tokens: see ``grid``)."""
+        if self.not_a_map is not None:
+            return None
         if self.layout in ("channels_first", "channels_last"):
             return self.grid
         if self.layout is not None:
@@ -308,16 +314,46 @@ def trace_layers(
     finally:
         for h in handles:
             h.remove()
+    layouts = {
+        n: None if shape is None else detect_layout(modules[n], shape, x.shape[2:], hints)
+        for n, (_, shape, _) in records.items()
+    }
     infos = []
     for n in order:
         kind, shape, calls = records[n]
-        layout = None if shape is None else detect_layout(modules[n], shape, x.shape[2:], hints)
-        extra = {}
+        layout = layouts[n]
+        extra: dict = {}
+        why = None if shape is None else _not_a_map(n, shape, x.shape[0], records, layouts)
+        if why is not None:
+            layout, extra = None, {"not_a_map": why}
         if layout is not None:
             extra = {"layout": layout.kind, "grid": layout.grid,
                      "prefix_tokens": layout.prefix_tokens}  # fmt: skip
         infos.append(LayerInfo(n, kind, shape, calls, spatial_rank, **extra))
     return infos, output
+
+
+def _not_a_map(
+    name: str, shape: tuple[int, ...], batch: int, records: dict, layouts: dict
+) -> str | None:
+    """Why an output of rank 4 or more is no feature map, or ``None``: its first axis is not
+    the batch (the stacked ``(3, B, heads, N, d)`` queries, keys and values of an attention
+    block), or it sits inside a module whose output is ``N`` tokens and has ``N`` on one of its
+    last two axes (the ``(B, heads, N, N)`` attention weights, per-head tokens)."""
+    if len(shape) < 4:
+        return None
+    if shape[0] != batch:
+        return f"first axis {shape[0]} is not the batch ({batch})"
+    parent = name.rpartition(".")[0]
+    while parent:
+        outer = layouts.get(parent)
+        if outer is not None and outer.kind == "tokens":
+            n = records[parent][1][1]
+            if n in shape[-2:]:
+                return f"inside the token block {parent} ({n} tokens): attention, not a map"
+            return None
+        parent = parent.rpartition(".")[0]
+    return None
 
 
 def list_layers(

@@ -304,35 +304,96 @@ def test_a_flatten_linear_head_gets_hirescam(functional_flatten):
     torch.testing.assert_close(named.raw["features"], auto.raw["features"])
 
 
+class _PoolThenMLP(nn.Module):  # global pooling, then two linear layers
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(self.conv(x).mean(dim=(2, 3))))
+
+
+class _ConvHead(nn.Module):  # no linear layer: 1x1 conv, then mean over the grid
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x)).mean(dim=(2, 3))
+
+
+class _SizeCoincidence(nn.Module):
+    """A (B, 4, 4, 4) map (64 values) and a linear layer of 64 inputs that reads something
+    else: a 64-channel 1x1 conv of the map, globally pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=4, padding=1)
+        self.mix = nn.Conv2d(4, 64, 1)
+        self.fc = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(self.mix(self.conv(x)).mean(dim=(2, 3)))
+
+
+class _VGGish(nn.Module):  # pooling to 4x4 (not global), flatten, a two-layer MLP
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class _TwoHeads(nn.Module):
+    """Returns (pooled logits, logits of a flatten + linear auxiliary head run first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=4, padding=1)
+        self.aux, self.fc = nn.Linear(64, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.conv(x)
+        return self.fc(a.mean(dim=(2, 3))), self.aux(a.flatten(1))
+
+
 def test_heads_with_global_pooling_keep_gradcam():
-    from medcam.engine.auto import flattened_head
-
-    class PoolThenMLP(nn.Module):  # global pooling, then two linear layers
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
-            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc2(self.fc1(self.conv(x).mean(dim=(2, 3))))
-
-    class ConvHead(nn.Module):  # no linear layer: 1x1 conv, then mean over the grid
-        def __init__(self):
-            super().__init__()
-            self.conv, self.head = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 1)
-
-        def forward(self, x):
-            return self.head(self.conv(x)).mean(dim=(2, 3))
+    from medcam.engine.auto import FlattenedHead
 
     x = torch.randn(2, 1, 16, 16)
-    for net in (PoolThenMLP(), ConvHead(), resnet18(spatial_dims=2, n_input_channels=1,
-                                                    num_classes=3)):  # fmt: skip
-        infos, out = trace_layers(net.eval(), x)
-        assert flattened_head(net, infos, tuple(out.shape)) is None
-        assert medcam.explain(net, x).method == "gradcam"
+    nets = (_PoolThenMLP(), _ConvHead(), _SizeCoincidence(),
+            resnet18(spatial_dims=2, n_input_channels=1, num_classes=3))  # fmt: skip
+    for net in nets:
+        with FlattenedHead(net) as head, torch.no_grad():
+            net.eval()(x)
+        assert head.found is None, type(net).__name__
+        assert medcam.explain(net, x).method == "gradcam", type(net).__name__
+    # the probe left no hook behind
+    assert all(not m._forward_pre_hooks for n in nets for m in n.modules())
+    # several outputs: the flattening linear layer seen feeds the other one; not trusted
+    assert medcam.explain(_TwoHeads(), x, 1, output=0).method == "gradcam"
 
 
-def test_monai_classifier_gets_hirescam_everywhere():
+def test_a_vgg_style_head_gets_hirescam_and_calibration_agrees():
+    x = torch.randn(2, 1, 16, 16)
+    net = _VGGish().eval()
+    result = medcam.explain(net, x, 1)
+    assert result.method == "hirescam"
+    assert "classifier.0 reads the flattened" in result.metadata()["method_chosen_by"]
+    with torch.inference_mode():  # a caller in inference mode gets the same choice
+        assert medcam.explain(net, x, 1).method == "hirescam"
+    # calibration's "default" candidate is what method="auto" gives
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:, 4:8, 4:8] = True
+    cal = medcam.calibrate_layers(net, torch.randn(4, 1, 16, 16), masks, 1)
+    assert cal.default.method == "hirescam"
+
+
+def test_monai_classifier_gets_hirescam_in_explain_and_layers():
     from click.testing import CliRunner
 
     from medcam.cli import main

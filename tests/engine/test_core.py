@@ -337,25 +337,22 @@ def test_hand_net_fixture_is_deterministic():
 
 def test_no_graph_is_built_before_the_target_layer(small_cnn):
     net, x = small_cnn
-    seen: dict[int, list[bool]] = {0: [], 2: [], 4: []}
+    seen: dict[str, bool] = {}
     handles = [
-        net.features[i].register_forward_hook(lambda m, i_, o, i=i: seen[i].append(o.requires_grad))
+        net.features[i].register_forward_hook(
+            lambda m, i_, o, i=i: seen.__setitem__(i, o.requires_grad)
+        )
         for i in (0, 2, 4)
     ]
-    calls = []
     try:
         assert torch.is_grad_enabled()
         medcam.explain(net, x, "all", layers="features.3")
         assert torch.is_grad_enabled()  # the caller's grad mode is restored
-        calls.append({i: list(v) for i, v in seen.items()})
         with torch.no_grad():
             medcam.explain(net, x, "all", layers="features.3")
             assert not torch.is_grad_enabled()
-        calls.append({i: v[len(calls[0][i]) :] for i, v in seen.items()})
     finally:
         for h in handles:
             h.remove()
-    # in each call, convs before the layer ran without autograd; the one after it recorded a
-    # graph in the explaining pass (method="auto" may add a no-grad shape pass for the head)
-    for call in calls:
-        assert not any(call[0]) and not any(call[2]) and True in call[4]
+    # convs before the layer ran without autograd; the one after it records a graph
+    assert seen == {0: False, 2: False, 4: True}

@@ -235,3 +235,20 @@ def test_unreadable_token_layer_asks_for_reshape():
 
     with pytest.raises(medcam.LayerError, match=r"neither a feature map.*reshape="):
         medcam.explain(Odd(), torch.randn(1, 3, 8, 8), 0, layers="proj")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("batch", [2, 3])  # 3: as many as the stacked queries, keys, values
+def test_attention_internals_are_not_feature_maps(dims, batch):
+    # MONAI's SABlock makes (B, heads, N, N) attention weights and stacked (3, B, heads, N, d)
+    # queries/keys/values; shaped like 2D/3D maps, they once became the default layer (a
+    # 17x17 "grid" of token pairs, or a heatmap with 3 samples for 2 inputs).
+    net, x = _vit(dims)
+    x = torch.randn(batch, *x.shape[1:])
+    infos = medcam.list_layers(net, x)
+    inside = [i for i in infos if ".attn." in i.name and len(i.output_shape or ()) >= 4]
+    assert inside and all(i.not_a_map and not i.is_candidate for i in inside)
+    assert "patch_embedding.patch_embeddings" in [i.name for i in infos if i.is_candidate]
+    result = medcam.explain(net, x, 1, output=0)
+    assert result.heatmap.shape == (batch, 1, *x.shape[2:])
+    assert result.layers == ["patch_embedding.patch_embeddings"]

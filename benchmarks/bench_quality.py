@@ -203,7 +203,7 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     with torch.no_grad(), FlattenedHead(model) as head:
         out_shape = tuple(model(x[:1]).shape)
     default = auto_choice(infos, spatial, out_shape)
-    method = auto_method(out_shape, head.found)[0]  # what method="auto" uses for this model
+    method = auto_method(out_shape, head.found, rank)[0]  # what method="auto" uses here
     names = [i.name for i in infos if i.is_candidate and i.output_shape != out_shape]
     grids = {i.name: list(i.feature_shape) for i in infos if i.name in names}
 

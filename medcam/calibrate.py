@@ -221,7 +221,7 @@ def _candidates(
     infos, spatial, out_shape, methods: Sequence[str], aliases=None, head: str | None = None
 ) -> list[Candidate]:
     default = auto_choice(infos, spatial, out_shape)
-    default_method = auto_method(out_shape, head)[0]  # what method="auto" uses
+    default_method = auto_method(out_shape, head, len(spatial))[0]  # what method="auto" uses
     found: dict[tuple, Candidate] = {}
 
     def add(layers, fusion, method, how):

@@ -505,7 +505,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
         click.echo(f"  why: {choice.rule}")
         if out_shape is not None:
-            why_method = auto_method(out_shape, head.found)[1].removeprefix("auto: ")
+            why = auto_method(out_shape, head.found, spatial_rank=len(shape) - 1)[1]
+            why_method = why.removeprefix("auto: ")
             click.echo(f"  method (--method auto): {why_method}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 

@@ -351,32 +351,43 @@ def _reads_flattened_map(x: object) -> bool:
 
 
 def auto_method(
-    model_output_shape: tuple[int, ...], flattened: str | None = None
+    model_output_shape: tuple[int, ...],
+    flattened: str | None = None,
+    spatial_rank: int | None = None,
 ) -> tuple[str, str]:
     """The method ``method="auto"`` uses for a model output shape, and why.
 
     Classifier outputs ``(B, classes)`` get Grad-CAM. Segmentation outputs ``(B, C, *spatial)``
     get LayerCAM: Grad-CAM averages each channel's gradient over the whole volume, which on a
     segmentation network smears the evidence of a small structure over everything the channel
-    responds to (on the benchmark's UNet its pointing game was 0.00, LayerCAM's 1.00).
+    responds to (on the benchmark's UNet its pointing game was 0.00, LayerCAM's 1.00). With
+    ``spatial_rank`` (of the input) given, only an output with that many spatial axes is a
+    segmentation; any other shape (a MONAI ``Regressor``'s ``(B, 2, 3)``) is treated like a
+    classifier's.
 
     A classifier whose head reads the flattened feature map (``flattened``: the linear layer's
     name, from :class:`FlattenedHead`) gets HiResCAM: there the gradient of the score is a
     different weight at every voxel, and Grad-CAM's spatial average discards where the model
     looked. HiResCAM multiplies activation and gradient voxel by voxel, which for a single
     linear layer on the flattened map is exactly each voxel's contribution to the score
-    (Draelos & Carin 2020). With global pooling the deepest layer's gradient is the same at
-    every voxel, and Grad-CAM and HiResCAM agree there.
+    (Draelos & Carin 2020). With global average pooling the deepest layer's gradient is the
+    same at every voxel, and Grad-CAM and HiResCAM agree there.
     """
-    if len(model_output_shape) > 2:
+    shape = tuple(int(s) for s in model_output_shape)
+    if len(shape) > 2 and (spatial_rank is None or len(shape) == 2 + spatial_rank):
         return "layercam", (
             "auto: segmentation output (B, C, *spatial): LayerCAM (element-wise gradient "
             "weights; Grad-CAM's volume-averaged weights smear a small structure)"
         )
+    what = (
+        "classifier output (B, classes)"
+        if len(shape) <= 2
+        else f"output (B, {', '.join(map(str, shape[1:]))}), not a map of the input's grid,"
+    )
     if flattened:
         return "hirescam", (
-            f"auto: classifier output (B, classes) whose {flattened} reads the flattened feature "
-            "map (no global pooling): HiResCAM (each voxel has its own weight; Grad-CAM's "
-            "spatially averaged gradient would discard where the model looked)"
+            f"auto: {what} whose {flattened} reads the flattened feature map (no global "
+            "pooling): HiResCAM (each voxel has its own weight; Grad-CAM's spatially averaged "
+            "gradient would discard where the model looked)"
         )
-    return "gradcam", "auto: classifier output (B, classes): Grad-CAM"
+    return "gradcam", f"auto: {what}: Grad-CAM"

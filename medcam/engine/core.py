@@ -500,7 +500,9 @@ class Explainer:
             # a head is only trusted when the model returns one tensor: with several outputs the
             # linear layer seen may feed another one
             flattened = head.found if isinstance(output, torch.Tensor) else None
-            auto_name, method_chosen_by = auto_method(tuple(logits.shape), flattened)
+            auto_name, method_chosen_by = auto_method(
+                tuple(logits.shape), flattened, spatial_rank=len(spatial)
+            )
             method_chosen_by = self._why(method_chosen_by)
             method = get_method(auto_name)
         fc_weight = (

@@ -411,3 +411,21 @@ def test_monai_classifier_gets_hirescam_in_explain_and_layers():
                                     "--input-size", "32,32,32"])  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "method (--method auto): classifier output (B, classes) whose final.1" in out.output
+
+
+def test_a_non_spatial_output_is_not_a_segmentation():
+    # MONAI's Regressor with out_shape (2, 3): a (B, 2, 3) output for a 2D input is no map of
+    # the input's grid; its flatten + linear head gets HiResCAM like a classifier's would
+    from monai.networks.nets import Regressor
+
+    torch.manual_seed(0)
+    net = Regressor((1, 16, 16), (2, 3), channels=(4, 8), strides=(2, 2)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    result = medcam.explain(net, x, lambda out: out.flatten(1)[:, :1])
+    assert result.method == "hirescam"
+    why = result.metadata()["method_chosen_by"]
+    assert "output (B, 2, 3), not a map of the input's grid" in why and "final.1" in why
+    # a (B, C, H, W) output for the same 2D input is a segmentation
+    seg = UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    target = medcam.SegmentationTarget(1, mask=torch.ones(16, 16))
+    assert medcam.explain(seg, x, target).method == "layercam"

@@ -46,7 +46,7 @@ import quality_zoo as zoo
 
 import medcam
 from medcam import evaluate as ev
-from medcam.engine.auto import FlattenedHead, auto_choice, auto_method
+from medcam.engine.auto import auto_choice
 from medcam.engine.layers import list_layers
 from medcam.engine.postprocess import fuse_maps, upsample
 
@@ -200,10 +200,10 @@ def evaluate_model(arch_name: str, task_name: str, args, log) -> dict:
     x, masks = xs[ys == 1][: args.n_test], ms[ys == 1][: args.n_test]
     spatial = tuple(x.shape[2:])
     infos = list_layers(model, x[:1])
-    with torch.no_grad(), FlattenedHead(model) as head:
+    with torch.no_grad():
         out_shape = tuple(model(x[:1]).shape)
     default = auto_choice(infos, spatial, out_shape)
-    method = auto_method(out_shape, head.found, rank)[0]  # what method="auto" uses here
+    method = medcam.explain(model, x[:1], target_for(arch)).method  # what method="auto" uses
     names = [i.name for i in infos if i.is_candidate and i.output_shape != out_shape]
     grids = {i.name: list(i.feature_shape) for i in infos if i.name in names}
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcam.engine.auto import FlattenedHead, auto_choice, auto_method
+from medcam.engine.auto import auto_choice
 from medcam.engine.core import Explainer
 from medcam.engine.layers import model_device, trace_layers
 from medcam.engine.postprocess import fuse_maps, upsample
@@ -218,10 +218,9 @@ def _aliases(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
 
 
 def _candidates(
-    infos, spatial, out_shape, methods: Sequence[str], aliases=None, head: str | None = None
+    infos, spatial, out_shape, methods: Sequence[str], aliases=None, default_method="gradcam"
 ) -> list[Candidate]:
     default = auto_choice(infos, spatial, out_shape)
-    default_method = auto_method(out_shape, head, len(spatial))[0]  # what method="auto" uses
     found: dict[tuple, Candidate] = {}
 
     def add(layers, fusion, method, how):
@@ -391,13 +390,11 @@ def _check_masks(masks: Sequence[torch.Tensor], what: Sequence[str]) -> None:
 
 
 def _trace(model, x, target):
-    """One forward pass: the layers, the output shape, the linear layer that reads a flattened
-    feature map (or ``None``; see :class:`FlattenedHead`), and the target checked on it (one
-    map per case) before anything is explained."""
+    """One forward pass: the layers, the output shape, and the target checked on it (one map
+    per case) before anything is explained; and the method ``method="auto"`` uses."""
     from medcam.engine.targets import as_target
 
-    with FlattenedHead(model) as head:
-        infos, out = trace_layers(model, x)
+    infos, out = trace_layers(model, x)
     if not isinstance(out, torch.Tensor):
         raise MedcamError(
             "Calibration needs a model whose output is one tensor of logits; wrap the model so "
@@ -410,7 +407,10 @@ def _trace(model, x, target):
             f"Calibration scores one map per case, but the target gives {classes.shape[1]}; "
             "give one class (target=1, --target 1)."
         )
-    return infos, tuple(out.shape), head.found
+    # what method="auto" uses on the default layers (for a classifier, it depends on how the
+    # head reads the map: see medcam.engine.auto.FlattenedHead), from one explained input
+    method = Explainer(model)(x, target).method
+    return infos, tuple(out.shape), method
 
 
 def _identity(model, x) -> dict[str, Any]:
@@ -480,9 +480,9 @@ def calibrate_layers(
     masks = torch.stack([evidence(m, label, f"The mask of case {i}") for i, m in enumerate(masks)])
     _check_masks(list(masks), [f"The mask of case {i}" for i in range(len(masks))])
     device = model_device(model, x)
-    infos, out_shape, head = _trace(model, x[:1].to(device), target)
+    infos, out_shape, auto = _trace(model, x[:1].to(device), target)
     aliases = _aliases(model, x[:1].to(device), [i.name for i in infos if i.is_candidate])
-    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases, head)
+    cands = _candidates(infos, tuple(x.shape[2:]), out_shape, methods, aliases, auto)
     explainers = _explainers(model, cands)
 
     def cases():
@@ -578,9 +578,9 @@ def calibrate_scans(
             + "; layers are chosen for one input size, so make the preprocessing give one "
             "(e.g. ResizeWithPadOrCrop)."
         )
-    infos, out_shape, head = _trace(model, first, target)
+    infos, out_shape, auto = _trace(model, first, target)
     aliases = _aliases(model, first, [i.name for i in infos if i.is_candidate])
-    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases, head)
+    cands = _candidates(infos, tuple(first.shape[2:]), out_shape, methods, aliases, auto)
     explainers = _explainers(model, cands)
 
     def cases() -> Iterator:

@@ -465,7 +465,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     if save or label is not None:
         raise click.UsageError("--save and --mask-label go with --calibrate.")
 
-    from medcam.engine.auto import FlattenedHead, auto_choice, auto_method
+    from medcam.engine.auto import auto_choice
+    from medcam.engine.core import Explainer
     from medcam.engine.layers import check_hookable, model_device, trace_layers
     from medcam.errors import LayerError
     from medcam.runner import load_model, parse_size
@@ -481,8 +482,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
             raise MedcamError("Give --input-size (e.g. 96,96,96); the model does not say it.")
         x = torch.zeros(1, *shape, device=device)
         check_hookable(spec.network)
-        with FlattenedHead(spec.network) as head:
-            infos, out = trace_layers(spec.network, x.to(model_device(spec.network, x)))
+        x = x.to(model_device(spec.network, x))
+        infos, out = trace_layers(spec.network, x)
         out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         try:
             choice = auto_choice(infos, shape[1:], out_shape)
@@ -504,10 +505,13 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         fused = f", {choice.fusion} fusion" if choice.fusion else ""
         click.echo(f"\ndefault (--layer auto) for input {shape}: {' + '.join(chosen)}{fused}")
         click.echo(f"  why: {choice.rule}")
-        if out_shape is not None:
-            why = auto_method(out_shape, head.found, spatial_rank=len(shape) - 1)[1]
-            why_method = why.removeprefix("auto: ")
-            click.echo(f"  method (--method auto): {why_method}")
+        if out_shape is None:
+            click.echo("  method (--method auto): the model returns several outputs; explain "
+                       "one of them (a factory whose model returns the logits)")  # fmt: skip
+        else:  # one explained input: for a classifier it depends on how the head reads maps
+            first = Explainer(spec.network, chosen, "auto", fusion=choice.fusion)
+            why = first(x, lambda y: y.flatten(1)[:, :1]).metadata()["method_chosen_by"]
+            click.echo(f"  method (--method auto): {why.removeprefix('auto: ')}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 
     _run(work)

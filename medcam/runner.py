@@ -383,7 +383,9 @@ def explain_inputs(
     def write(path: Path, explained: tuple[Any, str]) -> dict:
         ex, case = explained
         files = [str(p) for p in write_explanation(spec, ex, Path(out), case, formats)]
-        return {"input": str(path), "case": case, "outputs": files}
+        warning = ex.cam.warning()
+        return {"input": str(path), "case": case, "outputs": files,
+                **({"warning": warning} if warning else {})}  # fmt: skip
 
     times = StageTimes(forward=current_reporter())
     records = []
@@ -399,6 +401,8 @@ def explain_inputs(
                 records.append(record)
                 log(f"{outcome.item} -> {Path(out) / record['case']} ({len(record['outputs'])} "
                     f"outputs): {StageTimes.summary(seconds)}")  # fmt: skip
+                if "warning" in record:
+                    log(f"  WARNING: {record['warning']}")
         finally:
             outcomes.close()  # a write in flight completes; nothing after a failure starts
     return records

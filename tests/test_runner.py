@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+import medcam
+from medcam.cli import main
 from medcam.engine.inferer import InputSpec
 from medcam.errors import InputError, MedcamError
 from medcam.runner import ModelSpec, explain_inputs
+from tests.helpers import lure_cases, lure_model
 
 
 def _counting_net():
@@ -147,3 +155,30 @@ def test_every_stage_of_every_case_is_reported(tmp_path):
         assert list(record["seconds"]) == stages
     assert len(lines) == 2 and all("load " in line and "back to scan " in line for line in lines)
     assert all(kind == "end" for kind, _, _ in recorder.events[-1:])
+
+
+def test_an_empty_map_is_flagged_in_the_result_the_sidecar_and_the_log(tmp_path):
+    # lure_model's class 0 has head weight -1: every Grad-CAM channel weight is negative and
+    # the activations are >= 0, so the map is relu(negative) = 0 everywhere
+    model = lure_model(3)
+    x, _ = lure_cases(2)
+    empty = medcam.explain(model, x, 0, layers="deep", method="gradcam")
+    assert float(empty.heatmap.max()) == 0.0
+    meta = empty.metadata()
+    assert meta["empty_maps"] == [[0, 0], [1, 0]]
+    assert meta["warning"].startswith("empty map (sample 0 / target 0, sample 1 / target 0)")
+    shown = medcam.explain(model, x, 1, layers="deep", method="gradcam")
+    assert float(shown.heatmap.max()) > 0 and "warning" not in shown.metadata()
+    assert empty.sample(1).empty_maps == [[0, 0]]
+    # through the command line: the log line and the sidecar
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(x[0, 0].numpy(), np.diag([2.0, 2.0, 2.0, 1.0])), scan)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(main, ["explain", str(scan), "--out", str(out), "--model",
+                                    "tests.helpers:lure_model", "--preprocess",
+                                    "tests.helpers:lure_preprocess", "--target", "0",
+                                    "--layer", "deep", "--method", "gradcam"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert "WARNING: empty map (sample 0 / target 0)" in run.output
+    (sidecar,) = out.rglob("*.json")
+    assert json.loads(sidecar.read_text())["explanation"]["empty_maps"] == [[0, 0]]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -176,6 +176,37 @@ def auto_choice(
     The defaults are what ``layers="auto"`` uses; the other settings exist so that
     ``benchmarks/bench_quality.py`` can compare the alternatives with the same code.
     """
+    choice = _choose(
+        infos, input_shape, model_output_shape, min_fraction=min_fraction,
+        stages_back=stages_back, chain=chain, fusion=fusion, block_outputs=block_outputs,
+        coarsest=coarsest,
+    )  # fmt: skip
+    deep = next(k for k, i in enumerate(infos) if i.name == choice.layers[-1])
+    tokens = [i.name for i in infos[deep + 1 :] if i.is_token_layer]
+    if not tokens:
+        return choice
+    # pytorch-grad-cam's advice for a ViT: the input of the last attention block (its norm1)
+    example = next((n for n in reversed(tokens) if n.endswith("norm1")), tokens[-1])
+    note = (
+        "; the token layers after it (a transformer) are not feature maps and are not "
+        f"explained by default: name one to explain them (e.g. {example})"
+    )
+    return replace(choice, rule=choice.rule + note)
+
+
+def _choose(
+    infos: Sequence[LayerInfo],
+    input_shape: Sequence[int],
+    model_output_shape: tuple[int, ...] | None,
+    *,
+    min_fraction: float | Fraction,
+    stages_back: int | None,
+    chain: bool,
+    fusion: Fusion | None,
+    block_outputs: bool,
+    coarsest: float | Fraction | None,
+) -> AutoChoice:
+    """:func:`auto_choice` without the note on token layers."""
     cands = candidates(infos, model_output_shape)
     if not cands:
         raise LayerError(_NO_CANDIDATE)
@@ -304,31 +335,51 @@ class FlattenedHead:
     ``nn.Linear``; a call whose ``(B, F)`` input is a view of a ``(B, C, *grid)`` tensor with
     ``F == C * prod(grid)`` and more than one grid voxel (``nn.Flatten``, ``.view``,
     ``.flatten(1)``, ``.reshape`` of a contiguous map: the same storage, not a coincidence of
-    sizes) is such a head. A flatten that copies (a channels-last map) is not seen.
+    sizes) is such a head, provided that
+
+    - one of the ``after`` modules (the explained layers) has already run: a linear layer
+      before them (a spatial transformer's localiser) is no head of what is explained, and
+    - what it flattens is not ``model_input`` (a shortcut from the image itself).
+
+    A flatten that copies (a channels-last map) is not seen.
 
     Use as a context manager around the forward pass; ``found`` is the first such layer's name
     (in call order) or ``None``. Hooks are removed on exit; only the calling thread is watched.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        after: Sequence[str] = (),
+        model_input: torch.Tensor | None = None,
+    ):
         self.model = model
+        self.after = list(after)
+        self.model_input = model_input
         self.found: str | None = None
+        self._armed = not self.after
         self._handles: list = []
 
     def __enter__(self) -> FlattenedHead:
         thread = threading.get_ident()
+        modules = dict(self.model.named_modules())
+
+        def arm(module: nn.Module, args: tuple, output: object) -> None:
+            if threading.get_ident() == thread:
+                self._armed = True
 
         def make_hook(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
-                if self.found is None and threading.get_ident() == thread and args:
-                    if _reads_flattened_map(args[0]):
+                if self.found is None and self._armed and threading.get_ident() == thread:
+                    if args and _reads_flattened_map(args[0], self.model_input):
                         self.found = name
 
             return hook
 
-        self._handles = [
+        self._handles = [modules[n].register_forward_hook(arm) for n in self.after]
+        self._handles += [
             m.register_forward_pre_hook(make_hook(n))
-            for n, m in self.model.named_modules()
+            for n, m in modules.items()
             if isinstance(m, nn.Linear)
         ]
         return self
@@ -339,13 +390,17 @@ class FlattenedHead:
         self._handles = []
 
 
-def _reads_flattened_map(x: object) -> bool:
+def _reads_flattened_map(x: object, model_input: torch.Tensor | None = None) -> bool:
     """True when ``x`` is ``(B, F)``, a view of a ``(B, C, *grid)`` map holding all of it, with
-    a grid of more than one voxel."""
+    a grid of more than one voxel, and that map is not ``model_input``."""
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         return False
     base = x._base  # the tensor a view was made from (None when x owns its storage)
     if base is None or base.ndim < 4 or base.shape[0] != x.shape[0]:
+        return False
+    if model_input is not None and (
+        base.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr()
+    ):
         return False
     return math.prod(base.shape[2:]) > 1 and x.shape[1] == math.prod(base.shape[1:])
 

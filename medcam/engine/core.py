@@ -41,8 +41,8 @@ from medcam.engine.perturbation import Perturbation
 from medcam.engine.postprocess import Fusion, Normalization, fuse_maps, normalize_maps, upsample
 from medcam.engine.reshape import Layout, ReshapeSpec, model_grids, resolve_layout
 from medcam.engine.result import CAMResult
-from medcam.engine.targets import as_target, fixed_target, select_output
-from medcam.errors import InputError, LayerError, MedcamError, ModelError
+from medcam.engine.targets import CallableTarget, as_target, fixed_target, select_output
+from medcam.errors import InputError, LayerError, MedcamError, ModelError, TargetError
 
 __all__ = ["Explainer", "explain"]
 
@@ -92,6 +92,20 @@ def _final_linear_weight(model: nn.Module, fc_layer: str | nn.Module | None) -> 
             "model has no nn.Linear. Use method='gradcam', which works for any architecture."
         )
     return linears[-1].weight.detach()
+
+
+def _check_output_for_target(logits: torch.Tensor, spatial_rank: int, target_fn: Any) -> None:
+    """Class and segmentation targets need a ``(B, classes)`` output or a map of the input's
+    grid ``(B, C, *spatial)``; any other shape (a regressor's ``(B, 2, 3)``) needs a callable."""
+    if logits.ndim <= 2 or logits.ndim == 2 + spatial_rank or isinstance(target_fn, CallableTarget):
+        return
+    raise TargetError(
+        f"The model output {tuple(logits.shape)} is neither (B, classes) nor a map of the "
+        f"input's {spatial_rank}D grid (B, C, *spatial), so a class or segmentation target has "
+        "no meaning for it. Give a callable returning (B, K) scores, e.g. "
+        "target=lambda y: y[:, 0, 1]; on the command line, wrap the model so that it returns "
+        "(B, outputs)."
+    )
 
 
 def _target_gradients(
@@ -470,9 +484,12 @@ class Explainer:
             )
             # method="auto": a classifier whose linear layer reads the flattened feature map
             # gets HiResCAM; the probe watches this forward pass for one (no extra pass)
-            head = stack.enter_context(FlattenedHead(self.model)) if method is None else None
+            head = None
+            if method is None:
+                head = stack.enter_context(FlattenedHead(self.model, names, inputs.x))
             output = inputs(self.model)
             logits = select_output(output, self.output)
+            _check_output_for_target(logits, len(spatial), target_fn)
             scores, classes = target_fn(logits)
             _check_scores(scores)
             kept = capture.activations()
@@ -499,10 +516,16 @@ class Explainer:
         if method is None:
             # a head is only trusted when the model returns one tensor: with several outputs the
             # linear layer seen may feed another one
-            flattened = head.found if isinstance(output, torch.Tensor) else None
+            single = isinstance(output, torch.Tensor)
             auto_name, method_chosen_by = auto_method(
-                tuple(logits.shape), flattened, spatial_rank=len(spatial)
+                tuple(logits.shape), head.found if single else None, spatial_rank=len(spatial)
             )
+            if head.found and not single and auto_name == "gradcam":
+                method_chosen_by += (
+                    f"; {head.found} reads a flattened feature map, but the model returns "
+                    "several outputs and it may feed another one: if it feeds the explained "
+                    "output, name method='hirescam'"
+                )
             method_chosen_by = self._why(method_chosen_by)
             method = get_method(auto_name)
         fc_weight = (

@@ -78,8 +78,34 @@ class CAMResult:
             "result.heatmaps[layer], or pass fusion='mean' or 'product'."
         )
 
+    @property
+    def empty_maps(self) -> list[list[int]]:
+        """``[sample, target]`` pairs whose map has no positive value anywhere (every layer's,
+        when several were explained without fusion): the map shows nothing."""
+        if self.fused is not None or len(self.layers) == 1:
+            maps = [self.heatmap]
+        else:
+            maps = list(self.heatmaps.values())
+        positive = torch.stack([m.flatten(2).amax(dim=2) > 0 for m in maps]).any(dim=0)
+        return [[int(b), int(k)] for b, k in (~positive).nonzero().tolist()]
+
+    def warning(self) -> str | None:
+        """What a reader of the maps must know (an empty map), or ``None``."""
+        empty = self.empty_maps
+        if not empty:
+            return None
+        which = ", ".join(f"sample {b} / target {k}" for b, k in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        return (
+            f"empty map ({which}{more}): {self.method} found no positive evidence at "
+            f"{', '.join(self.layers)}, so the map is zero everywhere and shows nothing. Try "
+            "another layer (layers='auto', `medcam layers`) or method (e.g. 'hirescam')."
+        )
+
     def metadata(self) -> dict[str, Any]:
-        """JSON-able description of the call (for sidecars and reports)."""
+        """JSON-able description of the call (for sidecars and reports); an empty map adds
+        ``empty_maps`` and ``warning``."""
+        warning = self.warning()
         return {
             "method": self.method,
             "layers": list(self.layers),
@@ -94,6 +120,7 @@ class CAMResult:
             "batched_backward": self.batched_backward,
             **({"layers_chosen_by": self.layers_chosen_by} if self.layers_chosen_by else {}),
             **({"method_chosen_by": self.method_chosen_by} if self.method_chosen_by else {}),
+            **({"empty_maps": self.empty_maps, "warning": warning} if warning else {}),
             **self.extra,
         }
 

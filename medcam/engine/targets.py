@@ -317,6 +317,12 @@ def as_target(spec: Any) -> Target:
     raise TargetError(f"Cannot use {spec!r} as a target.")
 
 
+_CLI_OUTPUT = (
+    " On the command line (there is no --output option), give --model a factory whose model "
+    "returns the logits alone (e.g. a wrapper module whose forward returns output[0])."
+)
+
+
 def select_output(output: Any, selector: int | str | Callable[[Any], Any] | None) -> torch.Tensor:
     """Pick the logits tensor from a model output (tensor, tuple/list or dict)."""
     if callable(selector):
@@ -357,11 +363,11 @@ def select_output(output: Any, selector: int | str | Callable[[Any], Any] | None
     if isinstance(out, dict):
         raise TargetError(
             f"The model returned a dict with keys {list(out)}; say which entry holds the "
-            "logits with output='key'."
+            "logits with output='key'." + _CLI_OUTPUT
         )
     if isinstance(out, (tuple, list)):
         raise TargetError(
             f"The model returned a {type(out).__name__} of {len(out)} items; say which one "
-            "holds the logits with output=index (or a callable)."
+            "holds the logits with output=index (or a callable)." + _CLI_OUTPUT
         )
     raise TargetError(f"The selected model output is a {type(out).__name__}, not a tensor.")

@@ -429,3 +429,69 @@ def test_a_non_spatial_output_is_not_a_segmentation():
     seg = UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1).eval()
     target = medcam.SegmentationTarget(1, mask=torch.ones(16, 16))
     assert medcam.explain(seg, x, target).method == "layercam"
+
+
+class _LocaliserFirst(nn.Module):
+    """A spatial-transformer-like localiser (conv, flatten, linear) before a pooled body."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Conv2d(1, 2, 3, stride=4, padding=1)
+        self.loc_fc = nn.Linear(32, 1)
+        self.body = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        gain = torch.sigmoid(self.loc_fc(self.loc(x).flatten(1)))[:, :, None, None]
+        return self.fc(self.body(x * gain).mean(dim=(2, 3)))
+
+
+class _ImageShortcut(nn.Module):
+    """A pooled head plus a linear layer on the flattened input image itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc, self.thumb = nn.Linear(4, 2), nn.Linear(256, 2)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(dim=(2, 3))) + self.thumb(x.flatten(1))
+
+
+def test_only_a_head_after_the_explained_layers_counts():
+    x = torch.randn(2, 1, 16, 16)
+    for net in (_LocaliserFirst().eval(), _ImageShortcut().eval()):
+        result = medcam.explain(net, x, 1, layers="body")
+        assert result.method == "gradcam", type(net).__name__
+        assert "flattened" not in result.metadata()["method_chosen_by"]
+
+
+def test_several_outputs_keep_gradcam_and_say_why():
+    x = torch.randn(2, 1, 16, 16)
+    why = medcam.explain(_TwoHeads(), x, 1, output=0).metadata()["method_chosen_by"]
+    assert why.startswith("auto: classifier output (B, classes): Grad-CAM; aux reads a flattened")
+    assert "name method='hirescam'" in why
+
+
+def test_class_targets_need_a_class_or_map_output():
+    from monai.networks.nets import Regressor
+
+    net = Regressor((1, 16, 16), (2, 3), channels=(4, 8), strides=(2, 2)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    for target in ("pred", 0, medcam.SegmentationTarget(1)):
+        with pytest.raises(medcam.TargetError, match=r"output \(2, 2, 3\) is neither"):
+            medcam.explain(net, x, target)
+
+
+def test_a_vit_classifier_says_its_token_layers_were_left_out():
+    from monai.networks.nets import ViT
+
+    net = ViT(1, (16, 16), (4, 4), hidden_size=16, mlp_dim=32, num_layers=2, num_heads=2,
+              classification=True, num_classes=2, spatial_dims=2).eval()  # fmt: skip
+    result = medcam.explain(net, torch.randn(2, 1, 16, 16), 1, output=0)
+    why = result.metadata()["layers_chosen_by"]
+    assert result.layers == ["patch_embedding.patch_embeddings"]
+    assert why.endswith("explained by default: name one to explain them (e.g. blocks.1.norm1)")
+    # and a named token layer works (pytorch-grad-cam's choice for a ViT)
+    named = medcam.explain(net, torch.randn(2, 1, 16, 16), 1, output=0, layers="blocks.1.norm1")
+    assert named.heatmap.shape == (2, 1, 16, 16)

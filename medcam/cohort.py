@@ -242,6 +242,10 @@ def run_cohort(
             record.update(status="done", finished=_now(),
                           outputs=[str(p.relative_to(folder)) for p in written],
                           seconds=times.pop(case.case_id))  # fmt: skip
+            warn = getattr(steps, "warning", None)  # what a reader must know (an empty map)
+            warning = warn(explained) if warn is not None else None
+            if warning:
+                record["warning"] = warning
             _write_record(stage, record)
         return record
 
@@ -254,6 +258,8 @@ def run_cohort(
                 case = outcome.item
                 if outcome.error is None:
                     counts["done"] += 1
+                    if "warning" in outcome.value:
+                        log(f"[rank {rank}] {case.case_id} WARNING: {outcome.value['warning']}")
                     continue
                 err = outcome.error  # recorded; the rank moves on to its next case
                 record = new_record(case)

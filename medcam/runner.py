@@ -594,5 +594,9 @@ class CohortSteps:
             paths.append(folder.final_path(written))
         return paths
 
+    def warning(self, explained: tuple[Any, Any]) -> str | None:
+        """What a reader of the case's maps must know (an empty map), or ``None``."""
+        return explained[0].cam.warning()
+
     def __call__(self, case: Any, folder: Any) -> list[Path]:
         return self.write(case, self.explain(case, self.load(case)), folder)

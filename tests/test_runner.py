@@ -182,3 +182,18 @@ def test_an_empty_map_is_flagged_in_the_result_the_sidecar_and_the_log(tmp_path)
     assert "WARNING: empty map (sample 0 / target 0)" in run.output
     (sidecar,) = out.rglob("*.json")
     assert json.loads(sidecar.read_text())["explanation"]["empty_maps"] == [[0, 0]]
+    # a cohort run records it in the case's status and says it in the log
+    from medcam.cohort import STATUS_FILE
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"case_id,input\nc0,{scan}\n")
+    cohort = tmp_path / "cohort"
+    run = CliRunner().invoke(main, ["cohort", "run", "--manifest", str(manifest), "--out",
+                                    str(cohort), "--model", "tests.helpers:lure_model",
+                                    "--preprocess", "tests.helpers:lure_preprocess", "--target",
+                                    "0", "--layer", "deep", "--method", "gradcam", "--format",
+                                    "nifti,json"])  # fmt: skip
+    assert run.exit_code == 0 and "1 done" in run.output, run.output
+    assert "c0 WARNING: empty map (sample 0 / target 0)" in run.stderr
+    status = json.loads((cohort / "c0" / STATUS_FILE).read_text())
+    assert status["status"] == "done" and status["warning"].startswith("empty map")

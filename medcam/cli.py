@@ -465,7 +465,7 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
     if save or label is not None:
         raise click.UsageError("--save and --mask-label go with --calibrate.")
 
-    from medcam.engine.auto import auto_choice
+    from medcam.engine.auto import auto_choice, auto_method
     from medcam.engine.core import Explainer
     from medcam.engine.layers import check_hookable, model_device, trace_layers
     from medcam.errors import LayerError
@@ -508,9 +508,11 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
         if out_shape is None:
             click.echo("  method (--method auto): the model returns several outputs; explain "
                        "one of them (a factory whose model returns the logits)")  # fmt: skip
-        else:  # one explained input: for a classifier it depends on how the head reads maps
-            first = Explainer(spec.network, chosen, "auto", fusion=choice.fusion)
-            why = first(x, lambda y: y.flatten(1)[:, :1]).metadata()["method_chosen_by"]
+        else:
+            why = auto_method(out_shape, spatial_rank=len(shape) - 1)[1]
+            if not why.startswith("auto: segmentation"):  # how the head reads maps matters:
+                first = Explainer(spec.network, chosen, "auto", fusion=choice.fusion)  # ask
+                why = first(x, lambda y: y.flatten(1)[:, :1]).metadata()["method_chosen_by"]
             click.echo(f"  method (--method auto): {why.removeprefix('auto: ')}")
         click.echo("  (--layer last explains the deepest feature layer alone, as before)")
 

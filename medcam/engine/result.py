@@ -89,9 +89,10 @@ class CAMResult:
         positive = torch.stack([m.flatten(2).amax(dim=2) > 0 for m in maps]).any(dim=0)
         return [[int(b), int(k)] for b, k in (~positive).nonzero().tolist()]
 
-    def warning(self) -> str | None:
-        """What a reader of the maps must know (an empty map), or ``None``."""
-        empty = self.empty_maps
+    def warning(self, empty: list[list[int]] | None = None) -> str | None:
+        """What a reader of the maps must know (an empty map), or ``None``; ``empty``: the
+        :attr:`empty_maps` when already computed."""
+        empty = self.empty_maps if empty is None else empty
         if not empty:
             return None
         which = ", ".join(f"sample {b} / target {k}" for b, k in empty[:5])
@@ -105,7 +106,8 @@ class CAMResult:
     def metadata(self) -> dict[str, Any]:
         """JSON-able description of the call (for sidecars and reports); an empty map adds
         ``empty_maps`` and ``warning``."""
-        warning = self.warning()
+        empty = self.empty_maps
+        warning = self.warning(empty)
         return {
             "method": self.method,
             "layers": list(self.layers),
@@ -120,7 +122,7 @@ class CAMResult:
             "batched_backward": self.batched_backward,
             **({"layers_chosen_by": self.layers_chosen_by} if self.layers_chosen_by else {}),
             **({"method_chosen_by": self.method_chosen_by} if self.method_chosen_by else {}),
-            **({"empty_maps": self.empty_maps, "warning": warning} if warning else {}),
+            **({"empty_maps": empty, "warning": warning} if warning else {}),
             **self.extra,
         }
 

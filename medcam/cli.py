@@ -115,6 +115,18 @@ def _trusted_bundles():
                 os.environ[TRUST_ENV] = before
 
 
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path):
+    """A run that fails removes the output folder it made, if nothing was written in it."""
+    made = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def _run(fn):
     """Call ``fn``; any failure becomes one line on stderr and a non-zero exit status.
 
@@ -244,7 +256,7 @@ def explain(inputs, out, bundle, model_spec, weights, preprocess, device, layers
         layer_arg = list(layers_) if list(layers_) != ["auto"] else "auto"
         fmt = formats or "nifti,png,json"
         progress = _Progress(quiet, desc="cases", unit="case")
-        with progress.reporting():
+        with progress.reporting(), _removed_if_left_empty(Path(out)):
             explain_inputs(spec, inputs, out, layers=layer_arg, method=method_,
                            target=parse_target(target),
                            formats=[f.strip() for f in fmt.split(",")], normalize=normalize,

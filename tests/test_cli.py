@@ -265,3 +265,19 @@ def test_progress_lines_per_case_and_quiet(tmp_path, phantom_cases):
     quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--quiet"])
     assert quiet.exit_code == 0 and quiet.output == ""
     assert len(list((tmp_path / "b").rglob("*.nii.gz"))) == 2
+
+
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), scan)
+    out = tmp_path / "new" / "out"
+    model = ["--model", "tests.helpers:exploding_model", "--layer", "conv"]
+    run = CliRunner().invoke(main, ["explain", str(scan), "--out", str(out), *model])
+    assert run.exit_code != 0 and "forward ran" in run.output
+    assert not out.exists()
+    # a folder that was there before stays, with what it held
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    run = CliRunner().invoke(main, ["explain", str(scan), "--out", str(out), *model])
+    assert run.exit_code != 0 and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

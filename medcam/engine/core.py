@@ -94,6 +94,21 @@ def _final_linear_weight(model: nn.Module, fc_layer: str | nn.Module | None) -> 
     return linears[-1].weight.detach()
 
 
+def _check_not_inference(model: nn.Module) -> None:
+    """Gradient methods need autograd, which cannot use the inference tensors that a model built
+    or loaded under ``torch.inference_mode()`` holds."""
+    held = next((n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                 if t.is_inference()), None)  # fmt: skip
+    if held is not None:
+        raise ModelError(
+            f"The model's {held} (and maybe more) was created under torch.inference_mode(): "
+            "autograd cannot use such tensors, so no gradient-based map can be computed. Build "
+            "or load the model outside torch.inference_mode() (torch.no_grad() is fine), or "
+            "give it normal tensors: model.load_state_dict({k: v.clone() for k, v in "
+            "model.state_dict().items()}, assign=True) outside inference mode."
+        )
+
+
 def _check_output_for_target(logits: torch.Tensor, spatial_rank: int, target_fn: Any) -> None:
     """Class and segmentation targets need a ``(B, classes)`` output or a map of the input's
     grid ``(B, C, *spatial)``; any other shape (a regressor's ``(B, 2, 3)``) needs a callable."""
@@ -308,6 +323,8 @@ class Explainer:
         check_hookable(model)
         self.model = model
         self.method = None if method == "auto" else get_method(method)
+        if self.method is None or self.method.needs_gradients:
+            _check_not_inference(model)
         self.output = output
         if fusion not in (None, "mean", "product"):
             raise MedcamError(f"Unknown fusion {fusion!r}; use None, 'mean' or 'product'.")

@@ -51,7 +51,8 @@ def _hint(err: BaseException) -> str:
         )
     return (
         "Check that the input has the channels, spatial size and dtype the model expects "
-        "(medcam.list_layers(model, x) runs one forward pass and shows every layer's output), "
+        "(`medcam layers`, or medcam.list_layers(model, x) in Python, runs one forward pass and "
+        "shows every layer's output), "
         "and that the model runs on it outside medcam."
     )
 

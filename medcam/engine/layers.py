@@ -266,9 +266,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str | nn.Module]) -> list[
             close = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise LayerError(
-                f"The model has no layer named {layer!r}.{hint} Use "
-                "medcam.list_layers(model, example_input) to see every layer with its output "
-                "shape, or layers='auto'."
+                f"The model has no layer named {layer!r}.{hint} `medcam layers` (Python: "
+                "medcam.list_layers(model, example_input)) shows every layer with its output "
+                "shape; or use the default, --layer auto (layers='auto')."
             )
         names.append(layer)
     if len(set(names)) != len(names):
@@ -562,5 +562,6 @@ def check_feature_map(name: str, a: torch.Tensor, spatial_rank: int, what: str =
             f"Layer {name!r}'s {what} has shape {tuple(a.shape)}, which has no spatial extent "
             f"(expected (B, C, *spatial) with {spatial_rank} spatial dims, more than one "
             "voxel: a 1-voxel map upsamples to a constant and says nothing about where). Pick "
-            "an earlier layer; medcam.list_layers(model, x) shows the candidates."
+            "an earlier layer; `medcam layers` (Python: medcam.list_layers(model, x)) shows the "
+            "candidates."
         )

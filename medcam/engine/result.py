@@ -100,7 +100,7 @@ class CAMResult:
         return (
             f"empty map ({which}{more}): {self.method} found no positive evidence at "
             f"{', '.join(self.layers)}, so the map is zero everywhere and shows nothing. Try "
-            "another layer (layers='auto', `medcam layers`) or method (e.g. 'hirescam')."
+            "another layer (`medcam layers` lists them) or method (e.g. --method hirescam)."
         )
 
     def metadata(self) -> dict[str, Any]:

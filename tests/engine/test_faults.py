@@ -330,3 +330,20 @@ def test_model_state_is_restored_after_an_error():
             medcam.explain(net, torch.randn(2, 2, 10, 10), 7, layers="features.2", eval=eval_)
         assert _same_state(net, before) and all(m.training for m in net.modules())
     medcam.explain(copy.deepcopy(net), torch.randn(2, 2, 10, 10), layers="features.2")
+
+
+def test_a_model_built_in_inference_mode_is_refused_with_the_fix():
+    from monai.networks.nets import DenseNet
+
+    torch.manual_seed(0)
+    normal = DenseNet(2, 1, 2, init_features=4, growth_rate=4, block_config=(2,)).eval()
+    with torch.inference_mode():
+        frozen = DenseNet(2, 1, 2, init_features=4, growth_rate=4, block_config=(2,)).eval()
+        frozen.load_state_dict(normal.state_dict())
+    x = torch.randn(1, 1, 32, 32)
+    with pytest.raises(medcam.ModelError, match=r"features.conv0.weight .* torch.inference_mode"):
+        medcam.explain(frozen, x, 1)
+    # the fix the message gives works, and gives the normal model's map
+    frozen.load_state_dict({k: v.clone() for k, v in frozen.state_dict().items()}, assign=True)
+    torch.testing.assert_close(medcam.explain(frozen, x, 1).heatmap,
+                               medcam.explain(normal, x, 1).heatmap)  # fmt: skip

@@ -521,8 +521,8 @@ def layers(bundle, model_spec, weights, preprocess, device, input_size, in_chann
             click.echo("  method (--method auto): the model returns several outputs; explain "
                        "one of them (a factory whose model returns the logits)")  # fmt: skip
         else:
-            why = auto_method(out_shape, spatial_rank=len(shape) - 1)[1]
-            if not why.startswith("auto: segmentation"):  # how the head reads maps matters:
+            name, why = auto_method(out_shape, spatial_rank=len(shape) - 1)
+            if name != "layercam":  # not a segmentation: how the head reads maps matters, so
                 first = Explainer(spec.network, chosen, "auto", fusion=choice.fusion)  # ask
                 why = first(x, lambda y: y.flatten(1)[:, :1]).metadata()["method_chosen_by"]
             click.echo(f"  method (--method auto): {why.removeprefix('auto: ')}")
